@@ -1,0 +1,1 @@
+"""Rollout actors: environment construction and the RolloutActor."""

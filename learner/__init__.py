@@ -1,0 +1,1 @@
+"""The learner: policy networks, estimators, the Learner and the WeightStore."""

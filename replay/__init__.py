@@ -1,0 +1,1 @@
+"""The replay service: trajectory schema, msgpack codec and ReplayService."""
