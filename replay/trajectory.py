@@ -1,0 +1,275 @@
+"""The trajectory schema, defined once.
+
+A `Fragment` is `T` consecutive steps of `N` environments stepped in lockstep by one rollout
+actor, time-major. `FIELDS` below is the single table of the per-step arrays: the codec, the
+validation, the service's byte accounting and the tests all derive from it.
+
+Autoreset. Gymnasium 1.x vector environments reset *on the step after* an episode ends
+("next-step" autoreset): the step that follows a `terminated` or `truncated` step ignores the
+action, returns reward 0 and the first observation of the new episode. That step is not a real
+transition, so it is stored with `autoreset[t, n] = True` and every loss masks it out. Because of
+this, `obs[t + 1]` at a step that ends an episode is the episode's real final observation, which
+is exactly what a truncated (time-limited) episode must bootstrap from.
+
+Layout, for one env column n and a fragment of T steps::
+
+    obs[t]             the observation the policy acted on at step t       (t = 0 .. T)
+    actions[t]         the action taken at step t
+    rewards[t]         the reward for that action
+    terminated[t]      the episode reached a terminal state at step t: do not bootstrap
+    truncated[t]       the episode was cut by a time limit at step t: bootstrap from obs[t + 1]
+    autoreset[t]       step t only reset the env (always True right after a terminated or
+                       truncated step); its action, reward and log-prob carry no meaning
+    behaviour_logp[t]  log mu(actions[t] | obs[t]) under the policy that acted
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+class InvalidFragment(ValueError):
+    """A fragment (or its encoded bytes) breaks the schema; the message says exactly how."""
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        #: A short machine-readable reason, used as the key of the `rejected` counters.
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """One per-step array of a fragment."""
+
+    name: str
+    #: numpy dtype names this field may have; the first is the canonical one.
+    dtypes: tuple[str, ...]
+    #: "T" for one row per step, "T+1" for one per step plus the bootstrap observation.
+    rows: Literal["T", "T+1"]
+    #: True when the field has trailing per-step dimensions (observation or action shape).
+    trailing: bool
+    doc: str
+
+
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("obs", ("float32", "uint8"), "T+1", True, "observations; the last row bootstraps"),
+    FieldSpec("actions", ("int64", "float32"), "T", True, "int64 index or float32 vector"),
+    FieldSpec("rewards", ("float32",), "T", False, "reward of each step"),
+    FieldSpec("terminated", ("bool",), "T", False, "episode ended in a terminal state"),
+    FieldSpec("truncated", ("bool",), "T", False, "episode was cut by a time limit"),
+    FieldSpec("autoreset", ("bool",), "T", False, "step only reset the env: masked out"),
+    FieldSpec("behaviour_logp", ("float32",), "T", False, "log mu(a|s) of the acting policy"),
+)
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
+#: Per-fragment metadata: name -> python type (arrays of finished episodes are separate).
+META_FIELDS: dict[str, type] = {"policy_version": int, "actor_id": int, "fragment_id": str}
+#: Episodes that ended inside the fragment: 1-D arrays of equal length K.
+EPISODE_FIELDS: dict[str, str] = {"episode_returns": "float32", "episode_lengths": "int32"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Fragment:
+    """`T` steps of `N` environments from one actor; see the module docstring for the layout."""
+
+    obs: np.ndarray  # [T+1, N, *obs_shape] float32 | uint8
+    actions: np.ndarray  # [T, N, *action_shape] int64 | float32
+    rewards: np.ndarray  # [T, N] float32
+    terminated: np.ndarray  # [T, N] bool
+    truncated: np.ndarray  # [T, N] bool
+    autoreset: np.ndarray  # [T, N] bool
+    behaviour_logp: np.ndarray  # [T, N] float32
+    policy_version: int
+    actor_id: int
+    fragment_id: str
+    episode_returns: np.ndarray  # [K] float32
+    episode_lengths: np.ndarray  # [K] int32
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of steps (rows of `rewards`)."""
+        return int(self.rewards.shape[0])
+
+    @property
+    def num_envs(self) -> int:
+        """N, the number of environment columns."""
+        return int(self.rewards.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (what the replay service's byte capacity counts)."""
+        return sum(getattr(self, f).nbytes for f in (*FIELD_NAMES, *EPISODE_FIELDS))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-step arrays by field name, in `FIELDS` order."""
+        return {name: getattr(self, name) for name in FIELD_NAMES}
+
+
+def validate(fragment: Fragment) -> Fragment:
+    """Check a fragment against the schema and return it; raise `InvalidFragment` otherwise.
+
+    Checks, each with a message naming the field: dtypes, ranks and shapes against `FIELDS`
+    (including `obs` having `T + 1` rows and every field agreeing on T and N), finite rewards and
+    log-probs, `behaviour_logp <= 0`, autoreset steps exactly after episode ends, and metadata
+    types.
+    """
+    rewards = fragment.rewards
+    if not isinstance(rewards, np.ndarray) or rewards.ndim != 2:
+        raise InvalidFragment(
+            f"rewards must be a 2-D [T, N] array, got {_describe(rewards)}", "shape"
+        )
+    t, n = rewards.shape
+    if t < 1 or n < 1:
+        raise InvalidFragment(f"rewards has shape {rewards.shape}: T and N must be >= 1", "shape")
+    for spec in FIELDS:
+        value = getattr(fragment, spec.name)
+        if not isinstance(value, np.ndarray):
+            raise InvalidFragment(f"{spec.name} must be a numpy array, got {_describe(value)}")
+        if value.dtype.name not in spec.dtypes:
+            raise InvalidFragment(
+                f"{spec.name} has dtype {value.dtype.name}, allowed: {', '.join(spec.dtypes)}",
+                "dtype",
+            )
+        rows = t + 1 if spec.rows == "T+1" else t
+        if value.ndim < 2 or value.shape[:2] != (rows, n):
+            raise InvalidFragment(
+                f"{spec.name} has shape {value.shape}, expected [{spec.rows}={rows}, N={n}, ...] "
+                f"to agree with rewards {rewards.shape}",
+                "shape",
+            )
+        if not spec.trailing and value.ndim != 2:
+            raise InvalidFragment(
+                f"{spec.name} has shape {value.shape}, expected [{spec.rows}, N] = ({rows}, {n})",
+                "shape",
+            )
+    if fragment.actions.dtype == np.int64 and fragment.actions.ndim != 2:
+        raise InvalidFragment(
+            f"actions are int64 (discrete) so must be [T, N], got {fragment.actions.shape}",
+            "shape",
+        )
+    for name in ("rewards", "behaviour_logp"):
+        value = getattr(fragment, name)
+        if not np.isfinite(value).all():
+            bad = np.argwhere(~np.isfinite(value))[0].tolist()
+            raise InvalidFragment(f"{name} has a NaN or inf at [t, n] = {bad}", "non_finite")
+    if fragment.obs.dtype == np.float32 and not np.isfinite(fragment.obs).all():
+        raise InvalidFragment("obs has a NaN or inf", "non_finite")
+    if fragment.actions.dtype == np.float32 and not np.isfinite(fragment.actions).all():
+        raise InvalidFragment("actions has a NaN or inf", "non_finite")
+    # A probability is at most 1, so a discrete log-prob is <= 0. A continuous action's
+    # log-*density* can legitimately exceed 0 (a narrow Gaussian), so float actions are exempt.
+    if fragment.actions.dtype == np.int64 and (fragment.behaviour_logp > 0).any():
+        bad = np.argwhere(fragment.behaviour_logp > 0)[0].tolist()
+        raise InvalidFragment(
+            f"behaviour_logp is > 0 at [t, n] = {bad}: the log-probability of a discrete "
+            "action cannot exceed 0",
+            "logp_positive",
+        )
+    ended = fragment.terminated | fragment.truncated
+    if (ended & fragment.autoreset).any():
+        raise InvalidFragment("a step is both an episode end and an autoreset step", "autoreset")
+    if (fragment.autoreset[1:] != ended[:-1]).any():
+        bad = np.argwhere(fragment.autoreset[1:] != ended[:-1])[0].tolist()
+        raise InvalidFragment(
+            f"autoreset must be True exactly on the step after an episode ends; "
+            f"wrong at [t, n] = [{bad[0] + 1}, {bad[1]}]",
+            "autoreset",
+        )
+    for name, kind in META_FIELDS.items():
+        value = getattr(fragment, name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InvalidFragment(f"{name} must be {kind.__name__}, got {_describe(value)}")
+    if fragment.policy_version < 0:
+        raise InvalidFragment(f"policy_version is {fragment.policy_version}, must be >= 0")
+    if not fragment.fragment_id:
+        raise InvalidFragment("fragment_id is empty")
+    lengths = []
+    for name, dtype in EPISODE_FIELDS.items():
+        value = getattr(fragment, name)
+        if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.name != dtype:
+            raise InvalidFragment(f"{name} must be a 1-D {dtype} array, got {_describe(value)}")
+        lengths.append(len(value))
+    if lengths[0] != lengths[1]:
+        raise InvalidFragment(
+            f"episode_returns has {lengths[0]} entries but episode_lengths has {lengths[1]}"
+        )
+    if not np.isfinite(fragment.episode_returns).all():
+        raise InvalidFragment("episode_returns has a NaN or inf", "non_finite")
+    return fragment
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"array{value.shape} of {value.dtype.name}"
+    return type(value).__name__
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Batch:
+    """B fragments concatenated along the env axis: still time-major, `[T, sum N, ...]`.
+
+    Per-column metadata lets the learner measure the policy lag of every column.
+    """
+
+    obs: np.ndarray  # [T+1, N, *obs_shape]
+    actions: np.ndarray  # [T, N, *action_shape]
+    rewards: np.ndarray  # [T, N]
+    terminated: np.ndarray  # [T, N]
+    truncated: np.ndarray  # [T, N]
+    autoreset: np.ndarray  # [T, N]
+    behaviour_logp: np.ndarray  # [T, N]
+    policy_version: np.ndarray  # [N] int64: version that produced each column
+    actor_id: np.ndarray  # [N] int64
+    fragment_ids: tuple[str, ...]  # one per fragment, in column order
+
+    @classmethod
+    def stack(cls, fragments: Sequence[Fragment]) -> Batch:
+        """Concatenate fragments that share T, observation and action layout."""
+        if not fragments:
+            raise ValueError("cannot stack an empty list of fragments")
+        first = fragments[0]
+        for frag in fragments[1:]:
+            for name in FIELD_NAMES:
+                a, b = getattr(first, name), getattr(frag, name)
+                if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:] or a.dtype != b.dtype:
+                    raise ValueError(
+                        f"cannot stack fragment {frag.fragment_id}: {name} is "
+                        f"{b.shape} {b.dtype.name}, the batch has {a.shape} {a.dtype.name}"
+                    )
+        arrays = {
+            name: np.concatenate([getattr(f, name) for f in fragments], axis=1)
+            for name in FIELD_NAMES
+        }
+        counts = [f.num_envs for f in fragments]
+        return cls(
+            **arrays,
+            policy_version=np.repeat([f.policy_version for f in fragments], counts).astype(
+                np.int64
+            ),
+            actor_id=np.repeat([f.actor_id for f in fragments], counts).astype(np.int64),
+            fragment_ids=tuple(f.fragment_id for f in fragments),
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.rewards.shape[0])
+
+    @property
+    def num_envs(self) -> int:
+        return int(self.rewards.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).nbytes for f in FIELD_NAMES)
+
+
+def fragment_nbytes_estimate(t: int, n: int, obs_shape: Sequence[int], obs_itemsize: int) -> int:
+    """Approximate bytes of a fragment, for sizing capacities in configs and benchmarks."""
+    obs = (t + 1) * n * math.prod(obs_shape) * obs_itemsize
+    return obs + t * n * (8 + 4 + 1 + 1 + 1 + 4)
