@@ -1,0 +1,381 @@
+"""Actor-critic networks: one definition used by the rollout actors (`act`) and the learner
+(`evaluate`).
+
+`PolicySpec` is the plain description of a network (observation layout, action space, torso);
+it travels inside checkpoints and Ray calls as a dict (`to_dict`/`from_dict`). `make_policy(spec)`
+builds the `ActorCritic`:
+
+- torso: an MLP with tanh for vector observations; for images (3-D observations, `uint8` scaled
+  by 1/255 inside the network) the IMPALA paper's shallow CNN or its deep ResNet CNN
+  (Espeholt et al. 2018, fig. 3);
+- heads: categorical logits for `Discrete` actions, a diagonal Gaussian with a learned,
+  state-independent, clamped log standard deviation for `Box` actions; a scalar value head.
+
+Weights cross process boundaries as `dict[str, np.ndarray]` (`state_dict_to_numpy`,
+`load_numpy_state_dict`), so actors need neither CUDA nor pickled torch tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Categorical, Normal
+
+NETWORKS = ("mlp", "impala_shallow", "impala_deep")
+ACTION_KINDS = ("discrete", "continuous")
+OBS_DTYPES = ("float32", "uint8")
+#: Bounds on the Gaussian head's log standard deviation: below -5 the log-density of the
+#: behaviour policy explodes (importance weights overflow), above 2 the policy is noise.
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+#: Width of the fully connected layer after the IMPALA CNNs (as in the paper).
+CNN_FEATURES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """What a policy network looks like; enough to rebuild it anywhere.
+
+    Image observations are 3-D. They may be channels-first `(C, H, W)` (Gymnasium's
+    `FrameStackObservation` over grey frames gives `(4, 84, 84)`) or channels-last `(H, W, C)`
+    (`(84, 84, 4)`): the network treats the shape as channels-last when its last dimension is
+    smaller than its first, channels-first otherwise.
+    """
+
+    obs_shape: tuple[int, ...]
+    obs_dtype: str  # "float32" | "uint8"
+    action_kind: str  # "discrete" | "continuous"
+    action_dim: int  # number of discrete actions, or the length of the action vector
+    action_low: tuple[float, ...] | None = None
+    action_high: tuple[float, ...] | None = None
+    network: str = "mlp"  # "mlp" | "impala_shallow" | "impala_deep"
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    #: None: separate actor and critic torsos for the MLP (better on small control tasks, as in
+    #: CleanRL's PPO), one shared torso for the CNNs (the expensive part is computed once).
+    shared_torso: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "obs_shape", tuple(int(d) for d in self.obs_shape))
+        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        for name in ("action_low", "action_high"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        if not self.obs_shape or any(d < 1 for d in self.obs_shape):
+            raise ValueError(f"obs_shape must be non-empty positive dims, got {self.obs_shape}")
+        if self.obs_dtype not in OBS_DTYPES:
+            raise ValueError(f"obs_dtype must be one of {OBS_DTYPES}, got {self.obs_dtype!r}")
+        if self.action_kind not in ACTION_KINDS:
+            raise ValueError(f"action_kind must be one of {ACTION_KINDS}, got {self.action_kind!r}")
+        if self.action_dim < 1:
+            raise ValueError(f"action_dim must be >= 1, got {self.action_dim}")
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
+        if self.network != "mlp" and len(self.obs_shape) != 3:
+            raise ValueError(
+                f"network {self.network!r} needs 3-D image observations, got {self.obs_shape}"
+            )
+        if self.network == "mlp" and not self.hidden_sizes:
+            raise ValueError("hidden_sizes must list at least one layer for the mlp network")
+        if any(h < 1 for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive, got {self.hidden_sizes}")
+        for name in ("action_low", "action_high"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.action_dim:
+                raise ValueError(
+                    f"{name} has {len(value)} entries, expected action_dim={self.action_dim}"
+                )
+
+    @classmethod
+    def from_spaces(
+        cls,
+        observation_space: Any,
+        action_space: Any,
+        *,
+        network: str | None = None,
+        hidden_sizes: tuple[int, ...] = (64, 64),
+        shared_torso: bool | None = None,
+    ) -> PolicySpec:
+        """Build a spec from Gymnasium single-env spaces (`Box` observations; `Discrete` or 1-D
+        `Box` actions). `network` defaults to `impala_shallow` for 3-D `uint8` observations and
+        `mlp` otherwise."""
+        from gymnasium import spaces
+
+        if not isinstance(observation_space, spaces.Box):
+            raise ValueError(f"observations must be a Box space, got {observation_space}")
+        obs_shape = tuple(observation_space.shape)
+        obs_dtype = np.dtype(observation_space.dtype).name
+        if obs_dtype not in OBS_DTYPES:
+            # Actors cast float64 observations (some custom envs) to float32.
+            if np.issubdtype(observation_space.dtype, np.floating):
+                obs_dtype = "float32"
+            else:
+                raise ValueError(f"observation dtype {obs_dtype} is not float or uint8")
+        if network is None:
+            network = "impala_shallow" if len(obs_shape) == 3 and obs_dtype == "uint8" else "mlp"
+        common = dict(
+            obs_shape=obs_shape,
+            obs_dtype=obs_dtype,
+            network=network,
+            hidden_sizes=tuple(hidden_sizes),
+            shared_torso=shared_torso,
+        )
+        if isinstance(action_space, spaces.Discrete):
+            if int(action_space.start) != 0:
+                raise ValueError(f"Discrete actions must start at 0, got {action_space}")
+            return cls(action_kind="discrete", action_dim=int(action_space.n), **common)
+        if isinstance(action_space, spaces.Box):
+            if len(action_space.shape) != 1:
+                raise ValueError(f"Box actions must be 1-D, got shape {action_space.shape}")
+            return cls(
+                action_kind="continuous",
+                action_dim=int(action_space.shape[0]),
+                action_low=tuple(float(v) for v in action_space.low),
+                action_high=tuple(float(v) for v in action_space.high),
+                **common,
+            )
+        raise ValueError(f"actions must be Discrete or Box, got {action_space}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python containers only (lists, not tuples), safe for `torch.load(weights_only)`
+        and any serialiser."""
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PolicySpec:
+        """Inverse of `to_dict`; unknown keys are an error (they mean a different version)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown PolicySpec keys: {sorted(unknown)}")
+        kwargs = dict(data)
+        for key in ("obs_shape", "hidden_sizes", "action_low", "action_high"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    @property
+    def uses_shared_torso(self) -> bool:
+        return self.network != "mlp" if self.shared_torso is None else self.shared_torso
+
+
+class ActOutput(NamedTuple):
+    """What a rollout actor gets for N observations."""
+
+    actions: np.ndarray  # [N] int64 (discrete) or [N, action_dim] float32 (continuous)
+    logp: np.ndarray  # [N] float32: log mu(action | obs) of the acting policy
+
+
+class Evaluation(NamedTuple):
+    """The learner's view of a [T+1, B] batch under the current parameters."""
+
+    logp: torch.Tensor  # [T, B] log pi(actions | obs[:T])
+    entropy: torch.Tensor  # [T, B] entropy of pi(. | obs[:T])
+    values: torch.Tensor  # [T+1, B] V(obs); row T is the bootstrap value
+
+
+def _layer(layer: nn.Module, gain: float) -> nn.Module:
+    # Orthogonal init with scaled gains (sqrt 2 for hidden layers, 0.01 for the policy
+    # output so the initial policy is near uniform, 1 for the value) as in CleanRL/baselines.
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _mlp(in_dim: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for size in hidden_sizes:
+        layers += [_layer(nn.Linear(in_dim, size), math.sqrt(2)), nn.Tanh()]
+        in_dim = size
+    return nn.Sequential(*layers)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv1(torch.relu(self.conv0(torch.relu(x))))
+
+
+class _ImpalaCNN(nn.Module):
+    """Images `[N, C, H, W]` float in [0, 1] -> features `[N, 256]`."""
+
+    def __init__(self, in_shape: tuple[int, int, int], deep: bool):
+        super().__init__()
+        c = in_shape[0]
+        if deep:
+            # Three sections of conv 3x3 -> max-pool 3x3/2 -> two residual blocks.
+            layers: list[nn.Module] = []
+            for out in (16, 32, 32):
+                layers += [
+                    nn.Conv2d(c, out, 3, padding=1),
+                    nn.MaxPool2d(3, stride=2, padding=1),
+                    _ResidualBlock(out),
+                    _ResidualBlock(out),
+                ]
+                c = out
+            layers.append(nn.ReLU())
+        else:
+            layers = [nn.Conv2d(c, 16, 8, stride=4), nn.ReLU(), nn.Conv2d(16, 32, 4, stride=2)]
+            layers.append(nn.ReLU())
+        self.convs = nn.Sequential(*layers)
+        with torch.no_grad():
+            flat = int(self.convs(torch.zeros(1, *in_shape)).numel())
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, CNN_FEATURES), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(x))
+
+
+class ActorCritic(nn.Module):
+    """Policy and value function for one `PolicySpec`; build it with `make_policy(spec)`."""
+
+    def __init__(self, spec: PolicySpec):
+        super().__init__()
+        self.spec = spec
+        shape = spec.obs_shape
+        self._image = spec.network != "mlp"
+        self._channels_last = self._image and shape[-1] < shape[0]
+        self._obs_numel = math.prod(shape)
+        if self._image:
+            chw = (shape[2], shape[0], shape[1]) if self._channels_last else shape
+            make_torso = lambda: _ImpalaCNN(chw, deep=spec.network == "impala_deep")  # noqa: E731
+            features = CNN_FEATURES
+        else:
+            make_torso = lambda: _mlp(self._obs_numel, spec.hidden_sizes)  # noqa: E731
+            features = spec.hidden_sizes[-1]
+        self.torso = make_torso()
+        # The critic's own torso, or None when the actor's torso is shared.
+        self.value_torso = None if spec.uses_shared_torso else make_torso()
+        out = spec.action_dim
+        self.policy_head = _layer(nn.Linear(features, out), 0.01)
+        self.value_head = _layer(nn.Linear(features, 1), 1.0)
+        if spec.action_kind == "continuous":
+            self.log_std = nn.Parameter(torch.zeros(out))
+        else:
+            self.register_parameter("log_std", None)
+
+    # -- shared forward ------------------------------------------------------------------------
+
+    def _prepare(self, obs: torch.Tensor) -> torch.Tensor:
+        """`[N, *obs_shape]` (any dtype) -> float32 network input on the module's device."""
+        x = obs.to(self.policy_head.weight.device, non_blocking=True)
+        x = x.float() * (1.0 / 255.0) if x.dtype == torch.uint8 else x.float()
+        if self._image:
+            return x.permute(0, 3, 1, 2) if self._channels_last else x
+        return x.reshape(x.shape[0], self._obs_numel)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`obs [N, *obs_shape]` -> `(policy_out [N, action_dim], values [N])`; `policy_out`
+        is the categorical logits or the Gaussian mean."""
+        x = self._prepare(obs)
+        hidden = self.torso(x)
+        value_hidden = hidden if self.value_torso is None else self.value_torso(x)
+        return self.policy_head(hidden), self.value_head(value_hidden).squeeze(-1)
+
+    def distribution(self, policy_out: torch.Tensor) -> Categorical | Normal:
+        """The action distribution for the output of `forward` (Normal is per dimension)."""
+        if self.spec.action_kind == "discrete":
+            return Categorical(logits=policy_out)
+        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        return Normal(policy_out, log_std.exp().expand_as(policy_out))
+
+    def _logp_entropy(
+        self, dist: Categorical | Normal, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(dist, Categorical):
+            return dist.log_prob(actions.long()), dist.entropy()
+        return dist.log_prob(actions.float()).sum(-1), dist.entropy().sum(-1)
+
+    # -- the two entry points ------------------------------------------------------------------
+
+    def act(self, obs: np.ndarray, *, deterministic: bool = False) -> ActOutput:
+        """Sample actions for `obs [N, *obs_shape]` (float32 or uint8).
+
+        Returns int64 `[N]` actions for discrete spaces, float32 `[N, action_dim]` for
+        continuous ones: the *unclipped* Gaussian sample (the env wrapper clips to the bounds;
+        the log-prob must be of the action the distribution produced). `deterministic` takes
+        the mode (argmax / mean), for evaluation; `logp` is then still log pi of that action.
+        """
+        with torch.inference_mode():
+            policy_out, _ = self(torch.as_tensor(obs))
+            dist = self.distribution(policy_out)
+            if deterministic:
+                actions = policy_out.argmax(-1) if isinstance(dist, Categorical) else dist.mean
+            else:
+                actions = dist.sample()
+            logp, _ = self._logp_entropy(dist, actions)
+        if isinstance(dist, Categorical):
+            actions_np = actions.cpu().numpy().astype(np.int64, copy=False)
+        else:
+            actions_np = actions.cpu().numpy().astype(np.float32, copy=False)
+        return ActOutput(actions_np, logp.cpu().numpy().astype(np.float32, copy=False))
+
+    def evaluate(self, obs: torch.Tensor, actions: torch.Tensor) -> Evaluation:
+        """Log-probs, entropies and values of a time-major batch, with gradients.
+
+        `obs [T+1, B, *obs_shape]`, `actions [T, B]` (int) or `[T, B, action_dim]` (float).
+        All T+1 rows go through the network in one forward pass; the policy output of row T
+        (the bootstrap observation) is dropped.
+        """
+        t1, b = obs.shape[:2]
+        t = actions.shape[0]
+        if t1 != t + 1 or actions.shape[1] != b:
+            raise ValueError(
+                f"evaluate needs obs [T+1, B, ...] and actions [T, B, ...], got obs "
+                f"{tuple(obs.shape)} and actions {tuple(actions.shape)}"
+            )
+        policy_out, values = self(obs.reshape(t1 * b, *obs.shape[2:]))
+        policy_out = policy_out.reshape(t1, b, -1)[:t]
+        dist = self.distribution(policy_out)
+        logp, entropy = self._logp_entropy(dist, actions.to(policy_out.device))
+        return Evaluation(logp, entropy, values.reshape(t1, b))
+
+
+def make_policy(spec: PolicySpec) -> ActorCritic:
+    """Build a freshly initialised `ActorCritic` for `spec` (on the CPU)."""
+    return ActorCritic(spec)
+
+
+def state_dict_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
+    """The module's state dict as CPU numpy copies (independent of later training steps)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def load_numpy_state_dict(module: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Copy numpy `weights` into `module` in place.
+
+    Raises `ValueError` listing the missing keys, unexpected keys and shape mismatches, before
+    touching any parameter (a failed load leaves the module unchanged).
+    """
+    own = module.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [
+        f"{k}: expected {tuple(own[k].shape)}, got {tuple(np.shape(weights[k]))}"
+        for k in own
+        if k in weights and tuple(own[k].shape) != tuple(np.shape(weights[k]))
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append("shape mismatches [" + "; ".join(shapes) + "]")
+        raise ValueError("weights do not fit this network: " + ", ".join(parts))
+    with torch.no_grad():
+        for key, tensor in own.items():
+            tensor.copy_(torch.as_tensor(np.asarray(weights[key])))
