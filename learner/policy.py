@@ -378,4 +378,9 @@ def load_numpy_state_dict(module: nn.Module, weights: dict[str, np.ndarray]) -> 
         raise ValueError("weights do not fit this network: " + ", ".join(parts))
     with torch.no_grad():
         for key, tensor in own.items():
-            tensor.copy_(torch.as_tensor(np.asarray(weights[key])))
+            # Arrays from Ray's object store are read-only views of shared memory; torch
+            # warns on wrapping those, and a copy is made by `copy_` anyway.
+            array = np.asarray(weights[key])
+            if not array.flags.writeable:
+                array = array.copy()
+            tensor.copy_(torch.from_numpy(array))
