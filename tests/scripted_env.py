@@ -1,0 +1,96 @@
+"""A tiny scripted environment with known returns, for the actor tests.
+
+Observation `[k, seed, last_action]`: `k` is the number of steps taken in the current episode
+(0 right after a reset), `seed` the seed of the env's last seeded reset, `last_action` the
+(first component of the) action the env received. The reward of the k-th step is `k`, so an
+episode of length L returns L (L + 1) / 2. Actions do not change anything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+#: Registered id: never terminates, truncated by a TimeLimit after 3 steps (Gymnasium id path).
+TRUNCATED_ID = "offpg-test/ScriptedTimeLimit-v0"
+#: User-callable id (`package.module:callable` path).
+CALLABLE_ID = "scripted_env:ScriptedEnv"
+
+
+class ScriptedEnv(gym.Env):
+    """Terminates after `length` steps (plus `seed % 3` when `vary_length`); None: never."""
+
+    #: Test hook: the next this-many `step` calls, across all instances, raise RuntimeError.
+    failures_left = 0
+
+    def __init__(
+        self, length: int | None = 3, vary_length: bool = False, continuous: bool = False
+    ) -> None:
+        self.length = length
+        self.vary_length = vary_length
+        self.observation_space = spaces.Box(-np.inf, np.inf, (3,), np.float32)
+        if continuous:
+            self.action_space: spaces.Space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+        else:
+            self.action_space = spaces.Discrete(2)
+        self._seed = -1
+        self._k = 0
+        self._last = 0.0
+
+    @property
+    def episode_length(self) -> int | None:
+        if self.length is None:
+            return None
+        return self.length + (self._seed % 3 if self.vary_length else 0)
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self._k, self._seed, self._last], np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._seed = seed
+        self._k = 0
+        self._last = 0.0
+        return self._obs(), {}
+
+    def step(self, action):
+        if ScriptedEnv.failures_left > 0:
+            ScriptedEnv.failures_left -= 1
+            raise RuntimeError("scripted env failure")
+        self._k += 1
+        self._last = float(np.asarray(action).reshape(-1)[0])
+        length = self.episode_length
+        terminated = length is not None and self._k >= length
+        return self._obs(), float(self._k), terminated, False, {}
+
+
+if TRUNCATED_ID not in gym.registry:
+    gym.register(
+        TRUNCATED_ID, entry_point=ScriptedEnv, max_episode_steps=3, kwargs={"length": None}
+    )
+
+
+def reference_stream(lengths: list[int], steps: int) -> dict[str, np.ndarray]:
+    """What `steps` steps of envs with these episode lengths must produce, written as a plain
+    per-env, per-step loop: `k` (obs[:, :, 0], `steps + 1` rows), rewards, ends, autoreset."""
+    n = len(lengths)
+    k = np.zeros((steps + 1, n))
+    rewards = np.zeros((steps, n))
+    ended = np.zeros((steps, n), bool)
+    autoreset = np.zeros((steps, n), bool)
+    for i, length in enumerate(lengths):
+        step_in_episode, prev_done = 0, False
+        for t in range(steps):
+            if prev_done:  # next-step autoreset: reward 0, first obs of the new episode
+                autoreset[t, i] = True
+                step_in_episode, prev_done = 0, False
+            else:
+                step_in_episode += 1
+                rewards[t, i] = step_in_episode
+                prev_done = ended[t, i] = step_in_episode == length
+            k[t + 1, i] = step_in_episode
+    return {"k": k, "rewards": rewards, "ended": ended, "autoreset": autoreset}
