@@ -1,0 +1,682 @@
+"""The learner: batches in, importance-corrected gradient steps, weights and checkpoints out.
+
+`Learner` consumes an iterator of `replay.trajectory.Batch` and owns no transport (STYLE item
+4): tests feed it a list, `deploy/` feeds it the replay service's batches and passes a `publish`
+callable that puts the weights into the `WeightStore`. `run` overlaps the host-side work (numpy
+to tensors, pinned memory, the host-to-device copy) with the gradient step through one named
+prefetch thread.
+
+The loss, per batch of `[T, B]` steps (`mask` = not an autoreset step, `n = mask.sum()`):
+
+    policy  = -(w * log pi(a_t | s_t) * mask).sum() / n
+    value   = 0.5 * ((vs - V(s_t))**2 * mask).sum() / n
+    entropy = (H(pi(. | s_t)) * mask).sum() / n
+    loss    = policy + value_coef * value - entropy_coef * entropy
+
+with `w` the V-trace policy-gradient advantages (default) or `pg_weights(...)` of another
+estimator with the learned value as baseline, and `vs` the V-trace value targets for every
+estimator. Normalising by the number of real steps `n` (instead of the estimators' documented
+`(1/B) sum_t`, i.e. by B) keeps the step size independent of the unroll length T and of how
+many autoreset steps a batch happens to hold; it is the estimators' estimate divided by the
+mean number of real steps per column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import queue
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from learner.estimators import ESTIMATORS, pg_weights, vtrace
+from learner.policy import ActorCritic, PolicySpec, make_policy, state_dict_to_numpy
+from replay.trajectory import Batch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+_CHECKPOINT_RE = re.compile(r"^ckpt-(\d{9,})\.pt$")
+#: Seconds between checks of the stop flags while the prefetch queue is full or empty.
+_POLL_S = 0.1
+#: Seconds to wait for the prefetch thread to finish after a run ends.
+_JOIN_TIMEOUT_S = 10.0
+#: Most values kept per histogram array in `StepMetrics` (a uniform subsample).
+_HISTOGRAM_MAX = 4096
+
+# Metric tags: one place, used by `StepMetrics.scalars()` and read by `deploy/`'s logger.
+TAG_POLICY_LOSS = "loss/policy"
+TAG_VALUE_LOSS = "loss/value"
+TAG_ENTROPY = "loss/entropy"
+TAG_GRAD_NORM = "learner/grad_norm"
+TAG_LR = "learner/lr"
+TAG_RHO_MEAN = "importance/rho_mean"
+TAG_RHO_CLIPPED = "importance/rho_clipped_frac"
+TAG_ESS = "importance/ess"
+TAG_LAG_MEAN = "staleness/policy_lag_mean"
+TAG_LAG_MAX = "staleness/policy_lag_max"
+TAG_LAG_HIST = "staleness/policy_lag"
+TAG_LOG_RHO_HIST = "importance/log_rho"
+
+
+def _field(default: Any, doc: str) -> Any:
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """Hyperparameters of the learner; each field's `doc` metadata is its CLI help."""
+
+    lr: float = _field(6e-4, "learning rate (initial value when lr_schedule is linear)")
+    optimizer: str = _field("adam", "optimiser: adam or rmsprop")
+    adam_eps: float = _field(1e-5, "epsilon added to the optimiser's denominator")
+    lr_schedule: str = _field("constant", "constant, or linear decay to 0 over lr_decay_steps")
+    lr_decay_steps: int = _field(0, "learner steps of the linear decay (required for linear)")
+    gamma: float = _field(0.99, "discount factor")
+    estimator: str = _field(
+        "vtrace", f"policy-gradient weights: vtrace or one of {', '.join(ESTIMATORS)}"
+    )
+    rho_clip: float | None = _field(
+        1.0,
+        "V-trace rho-bar (clips the value-target ratios); for the pg_weights estimators the "
+        "per-step ratio truncation. None: no clipping",
+    )
+    c_clip: float | None = _field(1.0, "V-trace c-bar (trace cutting); None: no clipping")
+    pg_rho_clip: float | None = _field(
+        1.0, "V-trace clip on the policy-gradient ratio; None: no clipping"
+    )
+    value_coef: float = _field(0.5, "weight of the value loss")
+    entropy_coef: float = _field(0.01, "weight of the entropy bonus")
+    max_grad_norm: float = _field(10.0, "clip the global gradient norm to this value")
+    batch_size: int = _field(8, "fragments per batch")
+    publish_every: int = _field(1, "publish the weights every this many learner steps")
+    checkpoint_every: float = _field(600.0, "seconds between checkpoints")
+    keep_checkpoints: int = _field(3, "how many of the newest checkpoints to keep")
+    device: str = _field("auto", "auto (CUDA when available), cpu or cuda")
+    prefetch: int = _field(2, "batches decoded and moved to the device ahead of the step")
+    max_nan_steps: int = _field(
+        10, "consecutive non-finite (skipped) steps before the learner gives up"
+    )
+    torch_threads: int = _field(0, "torch intra-op threads; 0 leaves torch's default")
+
+    def __post_init__(self) -> None:
+        def positive(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                extra = " or None" if allow_none else ""
+                raise ValueError(f"{name} must be a positive number{extra}, got {value!r}")
+
+        def at_least(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        def one_of(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+
+        for name in ("lr", "adam_eps", "max_grad_norm", "checkpoint_every"):
+            positive(name)
+        for name in ("rho_clip", "c_clip", "pg_rho_clip"):
+            positive(name, allow_none=True)
+        one_of("optimizer", ("adam", "rmsprop"))
+        one_of("lr_schedule", ("constant", "linear"))
+        one_of("estimator", ("vtrace", *ESTIMATORS))
+        one_of("device", ("auto", "cpu", "cuda"))
+        at_least("lr_decay_steps", 0)
+        if self.lr_schedule == "linear" and self.lr_decay_steps < 1:
+            raise ValueError("lr_decay_steps must be >= 1 when lr_schedule is linear")
+        if not (0.0 <= self.gamma <= 1.0):
+            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma!r}")
+        for name in ("value_coef", "entropy_coef"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("batch_size", "publish_every", "keep_checkpoints", "prefetch"):
+            at_least(name, 1)
+        at_least("max_nan_steps", 1)
+        at_least("torch_threads", 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMetrics:
+    """What one `Learner.step` measured. Scalars are Python floats (NaN when skipped)."""
+
+    version: int  # learner version after the step
+    policy_loss: float
+    value_loss: float
+    entropy: float  # mean entropy of pi over real steps (the bonus is entropy_coef * this)
+    grad_norm: float  # global norm before clipping
+    lr: float
+    rho_mean: float  # mean importance ratio pi/mu over real steps
+    rho_clipped_frac: float  # fraction of real steps with rho > rho_clip
+    ess: float  # (sum rho)^2 / (n * sum rho^2): 1 on-policy, -> 1/n when one weight dominates
+    lag_mean: float  # learner version minus the batch's policy_version, per column
+    lag_max: int
+    lag: np.ndarray  # [B] int64 policy lag per column
+    log_rho: np.ndarray  # float32, log rho of real steps (subsampled to <= 4096)
+    samples: int  # real (non-autoreset) steps in the batch
+    skipped: bool  # the loss or gradient was non-finite: no update was made
+
+    def scalars(self) -> dict[str, float]:
+        """Scalar metrics keyed by their TensorBoard tag."""
+        return {
+            TAG_POLICY_LOSS: self.policy_loss,
+            TAG_VALUE_LOSS: self.value_loss,
+            TAG_ENTROPY: self.entropy,
+            TAG_GRAD_NORM: self.grad_norm,
+            TAG_LR: self.lr,
+            TAG_RHO_MEAN: self.rho_mean,
+            TAG_RHO_CLIPPED: self.rho_clipped_frac,
+            TAG_ESS: self.ess,
+            TAG_LAG_MEAN: self.lag_mean,
+            TAG_LAG_MAX: float(self.lag_max),
+        }
+
+    def histograms(self) -> dict[str, np.ndarray]:
+        return {TAG_LAG_HIST: self.lag, TAG_LOG_RHO_HIST: self.log_rho}
+
+
+class TensorBatch(NamedTuple):
+    """A `Batch` as tensors on the learner's device (same layout, same dtypes)."""
+
+    obs: torch.Tensor  # [T+1, B, *obs_shape] float32 | uint8
+    actions: torch.Tensor  # [T, B] int64 | [T, B, d] float32
+    rewards: torch.Tensor  # [T, B] float32
+    terminated: torch.Tensor  # [T, B] bool
+    truncated: torch.Tensor  # [T, B] bool
+    autoreset: torch.Tensor  # [T, B] bool
+    behaviour_logp: torch.Tensor  # [T, B] float32
+    policy_version: np.ndarray  # [B] int64, kept on the host (only used for metrics)
+
+
+def to_tensors(batch: Batch, device: torch.device, stream: Any = None) -> TensorBatch:
+    """Move a `Batch` to `device`. On CUDA the arrays go through pinned memory and are copied
+    with `non_blocking=True` on `stream` (the prefetch thread's own stream), which is
+    synchronised before returning so that the tensors are complete when handed over."""
+    names = TensorBatch._fields[:-1]
+    arrays = [getattr(batch, name) for name in names]
+    if device.type != "cuda":
+        # Arrays decoded by Ray are read-only; torch only wraps writable memory.
+        tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]
+        return TensorBatch(*tensors, np.asarray(batch.policy_version, np.int64))
+    with torch.cuda.stream(stream):
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
+            for a in arrays
+        ]
+    stream.synchronize()
+    return TensorBatch(*tensors, np.asarray(batch.policy_version, np.int64))
+
+
+class LossInputs(NamedTuple):
+    """The estimators' view of a batch: everything `[T, B]` (bootstrap `[B]`), float32."""
+
+    rewards: torch.Tensor
+    discounts: torch.Tensor
+    values: torch.Tensor  # V(obs[t]) for t < T, detached
+    bootstrap_value: torch.Tensor  # [B] V(obs[T]), detached
+    behaviour_logp: torch.Tensor
+    target_logp: torch.Tensor  # detached
+    mask: torch.Tensor  # float 1 for real steps, 0 for autoreset steps
+
+
+def loss_inputs(batch: TensorBatch, target_logp: torch.Tensor, values: torch.Tensor, gamma: float):
+    """THE layout boundary between the trajectory schema and the estimators (STYLE item 8).
+
+    Input: the schema's rows (`obs[t]` acted on at step t, `obs[T]` the bootstrap observation;
+    `terminated/truncated[t]` end the episode at step t; `autoreset[t]` marks the env-reset step
+    after an end) and the network's `target_logp [T, B]` and `values [T+1, B]` (`values[t] =
+    V(obs[t])`). What shifts: the value of the *next* row, `values[t + 1]`, is folded into step
+    t's reward where step t was truncated, and `values[T]` becomes the bootstrap; nothing else
+    moves, every `[T, B]` output stays aligned with step t.
+
+    - `done = terminated | truncated`, `discounts = gamma * (1 - done)`: no return, trace or
+      importance product crosses an episode end.
+    - Truncated steps bootstrap from their real final observation `obs[t + 1]` (Gymnasium's
+      next-step autoreset puts it there): `rewards[t] += gamma * V(obs[t + 1])`, detached.
+    - Autoreset steps are not transitions: mask 0 in every loss, reward 0, log-rho 0 (rho = 1,
+      so they neither weigh nor cut an importance product), and discount 1 rather than gamma,
+      so the return of the episode that starts after them is not scaled by an extra gamma
+      (the segment estimators' `R` starts at the autoreset step).
+    """
+    values = values.detach().float()
+    target_logp = target_logp.detach().float()
+    real = ~batch.autoreset
+    done = batch.terminated | batch.truncated
+    discounts = torch.where(batch.autoreset, 1.0, gamma * (~done).float())
+    rewards = torch.where(real, batch.rewards.float(), 0.0)
+    rewards = rewards + torch.where(batch.truncated, gamma * values[1:], 0.0)
+    behaviour_logp = torch.where(real, batch.behaviour_logp.float(), target_logp)
+    return LossInputs(
+        rewards, discounts, values[:-1], values[-1], behaviour_logp, target_logp, real.float()
+    )
+
+
+class Learner:
+    """Importance-corrected actor-critic learner for one `PolicySpec`.
+
+    `version` counts successful gradient steps (0 = the initial weights) and is what the
+    published weights and checkpoints carry. `counters` is a dict of numbers saved with every
+    checkpoint and restored by `restore_latest`; the caller may add its own (for example
+    `env_steps`) from the thread that runs the learner. The learner keeps `learner_samples`
+    (real steps trained on) and `skipped_steps` there.
+
+    Call `publish_weights()` once before actors start (and after `restore_latest()`), so they
+    begin from the learner's weights.
+    """
+
+    def __init__(
+        self,
+        spec: PolicySpec,
+        config: LearnerConfig,
+        *,
+        checkpoint_dir: str | None = None,
+        publish: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+    ):
+        self.spec = spec
+        self.config = config
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device is cuda but torch sees no CUDA device")
+        use_cuda = config.device == "cuda" or (
+            config.device == "auto" and torch.cuda.is_available()
+        )
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.model: ActorCritic = make_policy(spec).to(self.device)
+        params = self.model.parameters()
+        if config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=config.lr, eps=config.adam_eps)
+        else:
+            self.optimizer = torch.optim.RMSprop(params, lr=config.lr, eps=config.adam_eps)
+        self.checkpoint_dir = checkpoint_dir
+        self._publish = publish
+        self.version = 0
+        self.counters: dict[str, int | float] = {"learner_samples": 0, "skipped_steps": 0}
+        self._consecutive_nan = 0
+        self._last_checkpoint = time.monotonic()
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def current_lr(self) -> float:
+        if self.config.lr_schedule == "linear":
+            return self.config.lr * max(0.0, 1.0 - self.version / self.config.lr_decay_steps)
+        return self.config.lr
+
+    def step(self, batch: Batch | TensorBatch) -> StepMetrics:
+        """One gradient step on `batch`; see the module docstring for the loss.
+
+        A non-finite loss or gradient norm skips the update (no weights published, no
+        checkpoint written, `version` unchanged); `max_nan_steps` consecutive skips raise
+        `RuntimeError`.
+        """
+        if isinstance(batch, Batch):
+            batch = to_tensors(batch, self.device, self._copy_stream())
+        if self.device.type == "cuda":
+            # The tensors were allocated on the copy stream; tell the caching allocator they
+            # are used on this one too, so their memory is not reused before the step is done.
+            for tensor in batch[:-1]:
+                tensor.record_stream(torch.cuda.current_stream(self.device))
+        cfg = self.config
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        ev = self.model.evaluate(batch.obs, batch.actions)
+        # The estimators reject NaN inputs with ValueError; a diverged network is instead a
+        # skipped step, so they see finite stand-ins and the flag is checked with the loss.
+        inputs_finite = torch.isfinite(ev.values).all() & torch.isfinite(ev.logp).all()
+        inp = loss_inputs(batch, torch.nan_to_num(ev.logp), torch.nan_to_num(ev.values), cfg.gamma)
+        vt = vtrace(
+            inp.behaviour_logp,
+            inp.target_logp,
+            inp.rewards,
+            inp.values,
+            inp.bootstrap_value,
+            inp.discounts,
+            rho_clip=cfg.rho_clip,
+            c_clip=cfg.c_clip,
+            pg_rho_clip=cfg.pg_rho_clip,
+        )
+        if cfg.estimator == "vtrace":
+            weights = vt.pg_advantages
+        else:
+            weights = pg_weights(
+                inp.rewards,
+                inp.discounts,
+                inp.bootstrap_value,
+                estimator=cfg.estimator,
+                baseline=inp.values,
+                target_logp=inp.target_logp,
+                behaviour_logp=inp.behaviour_logp,
+                rho_clip=cfg.rho_clip,
+            )
+        mask = inp.mask
+        n = mask.sum().clamp(min=1.0)
+        policy_loss = -(weights * ev.logp * mask).sum() / n
+        value_loss = 0.5 * ((vt.vs - ev.values[:-1]) ** 2 * mask).sum() / n
+        entropy = (ev.entropy * mask).sum() / n
+        loss = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        ok = inputs_finite & torch.isfinite(loss) & torch.isfinite(grad_norm)
+
+        log_rho = (inp.target_logp - inp.behaviour_logp)[mask.bool()]
+        rho = log_rho.exp()
+        clip = math.inf if cfg.rho_clip is None else cfg.rho_clip
+        # One host sync for every scalar of the step.
+        stats = torch.stack(
+            [
+                ok.float(),
+                policy_loss.detach(),
+                value_loss.detach(),
+                entropy.detach(),
+                grad_norm.detach().float(),
+                rho.mean() if rho.numel() else torch.ones((), device=rho.device),
+                (rho > clip).float().mean() if rho.numel() else torch.zeros((), device=rho.device),
+                rho.sum() ** 2 / (rho.numel() * (rho**2).sum()).clamp(min=1e-30),
+                mask.sum(),
+            ]
+        ).tolist()
+        skipped = stats[0] == 0.0
+        lag = self.version - batch.policy_version
+        samples = int(stats[8])
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._consecutive_nan += 1
+            self.counters["skipped_steps"] += 1
+            if self._consecutive_nan >= cfg.max_nan_steps:
+                raise RuntimeError(
+                    f"{self._consecutive_nan} consecutive learner steps had a non-finite loss "
+                    f"or gradient (max_nan_steps={cfg.max_nan_steps}); the policy has diverged "
+                    f"at version {self.version}: lower lr or max_grad_norm, or restore a "
+                    "checkpoint"
+                )
+            log.warning("non-finite loss or gradient at version %d: step skipped", self.version)
+        else:
+            self.optimizer.step()
+            self._consecutive_nan = 0
+            self.version += 1
+            self.counters["learner_samples"] += samples
+            if self.version % cfg.publish_every == 0:
+                self.publish_weights()
+            if self.checkpoint_dir is not None and (
+                time.monotonic() - self._last_checkpoint >= cfg.checkpoint_every
+            ):
+                self.save_checkpoint()
+        log_rho_np = log_rho.detach().float().cpu().numpy()
+        if log_rho_np.size > _HISTOGRAM_MAX:
+            idx = np.linspace(0, log_rho_np.size - 1, _HISTOGRAM_MAX).astype(np.int64)
+            log_rho_np = log_rho_np[idx]
+        return StepMetrics(
+            version=self.version,
+            policy_loss=stats[1],
+            value_loss=stats[2],
+            entropy=stats[3],
+            grad_norm=stats[4],
+            lr=lr,
+            rho_mean=stats[5],
+            rho_clipped_frac=stats[6],
+            ess=stats[7],
+            lag_mean=float(lag.mean()),
+            lag_max=int(lag.max()),
+            lag=lag.astype(np.int64),
+            log_rho=log_rho_np,
+            samples=samples,
+            skipped=skipped,
+        )
+
+    def publish_weights(self) -> None:
+        """Hand `(version, numpy weights)` to the `publish` callable, if there is one."""
+        if self._publish is not None:
+            self._publish(self.version, state_dict_to_numpy(self.model))
+
+    def _copy_stream(self) -> Any:
+        if self.device.type != "cuda":
+            return None
+        if getattr(self, "_stream", None) is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        batches: Iterable[Batch],
+        *,
+        max_steps: int | None = None,
+        stop: threading.Event | None = None,
+        on_step: Callable[[StepMetrics], None] | None = None,
+    ) -> int:
+        """Step on `batches` until they run out, `max_steps` steps (skipped ones included) were
+        taken, or `stop` is set; returns the number of steps taken.
+
+        A thread named `offpg-learner-prefetch` pulls from the iterator and converts up to
+        `prefetch` batches ahead into device tensors. It is stopped and joined before `run`
+        returns, also when the step or `on_step` raises; an exception raised by the iterator is
+        re-raised here. `on_step` runs after every step, in this thread.
+        """
+        prefetcher = _Prefetcher(
+            iter(batches),
+            self.config.prefetch,
+            lambda b: to_tensors(b, self.device, self._copy_stream()),
+        )
+        steps = 0
+        try:
+            while max_steps is None or steps < max_steps:
+                batch = prefetcher.get(stop)
+                if batch is None:
+                    break
+                metrics = self.step(batch)
+                steps += 1
+                if on_step is not None:
+                    on_step(metrics)
+        finally:
+            prefetcher.close()
+        return steps
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> str:
+        """Write a checkpoint of the current version atomically and prune to the newest
+        `keep_checkpoints`; returns its path.
+
+        Holds only tensors and plain containers (no pickled classes), so `torch.load` with
+        `weights_only=True` reads it: model, optimiser, version, counters, config and spec.
+        """
+        if self.checkpoint_dir is None:
+            raise ValueError("this learner has no checkpoint_dir")
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "version": self.version,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "counters": dict(self.counters),
+            "config": self.config.to_dict(),
+            "spec": self.spec.to_dict(),
+        }
+        path = os.path.join(self.checkpoint_dir, f"ckpt-{self.version:09d}.pt")
+        # Temp file in the same directory (same filesystem), fsync, then an atomic rename: a
+        # crash leaves either the old set of files or the complete new one, never half a file
+        # under a checkpoint name.
+        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=self.checkpoint_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.checkpoint_dir)
+        for old in self.checkpoints()[: -self.config.keep_checkpoints]:
+            os.unlink(old)
+        self._last_checkpoint = time.monotonic()
+        return path
+
+    def checkpoints(self) -> list[str]:
+        """Paths of this learner's checkpoints, oldest first."""
+        if self.checkpoint_dir is None or not os.path.isdir(self.checkpoint_dir):
+            return []
+        found = []
+        for name in os.listdir(self.checkpoint_dir):
+            match = _CHECKPOINT_RE.match(name)
+            if match:
+                found.append((int(match.group(1)), os.path.join(self.checkpoint_dir, name)))
+        return [path for _, path in sorted(found)]
+
+    def restore_latest(self) -> int | None:
+        """Load the newest readable checkpoint; returns its version, or None when there is none.
+
+        A newest file that cannot be read (truncated, corrupt) is logged and skipped for the one
+        before it. A checkpoint of a different network (its `PolicySpec` or tensor shapes differ
+        from this learner's) raises `ValueError` listing the differences: resuming must not
+        silently start from scratch or from the wrong network.
+        """
+        for path in reversed(self.checkpoints()):
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=True)
+                if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+                    raise ValueError(f"not a format-{CHECKPOINT_FORMAT} checkpoint")
+            except Exception as exc:  # any unreadable file falls back to the one before
+                log.warning("skipping unreadable checkpoint %s: %s", path, exc)
+                continue
+            self._check_compatible(path, state)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.version = int(state["version"])
+            self.counters.update(state["counters"])
+            self._consecutive_nan = 0
+            return self.version
+        return None
+
+    def _check_compatible(self, path: str, state: dict[str, Any]) -> None:
+        differences = []
+        mine = self.spec.to_dict()
+        theirs = state.get("spec", {})
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                differences.append(
+                    f"{key}: checkpoint {theirs.get(key)!r}, learner {mine.get(key)!r}"
+                )
+        own = self.model.state_dict()
+        for key, tensor in state["model"].items():
+            if key not in own:
+                differences.append(f"{key}: only in the checkpoint")
+            elif tuple(tensor.shape) != tuple(own[key].shape):
+                differences.append(
+                    f"{key}: checkpoint shape {tuple(tensor.shape)}, "
+                    f"learner {tuple(own[key].shape)}"
+                )
+        differences += [
+            f"{key}: missing from the checkpoint" for key in own if key not in state["model"]
+        ]
+        if differences:
+            raise ValueError(
+                f"checkpoint {path} is of a different network: " + "; ".join(differences)
+            )
+
+
+def _fsync_dir(path: str) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_END = object()
+
+
+class _Failure(NamedTuple):
+    error: BaseException
+
+
+class _Prefetcher:
+    """A named producer thread filling a bounded queue with converted batches."""
+
+    def __init__(self, source: Iterator[Any], depth: int, convert: Callable[[Any], Any]):
+        self._source = source
+        self._convert = convert
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._produce, name="offpg-learner-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for batch in self._source:
+                if self._stop.is_set() or not self._put(self._convert(batch)):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            self._put(_Failure(exc))
+
+    def get(self, stop: threading.Event | None) -> Any:
+        """The next converted batch, or None when the source is exhausted or `stop` is set."""
+        while stop is None or not stop.is_set():
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    return None
+                continue
+            if item is _END:
+                return None
+            if isinstance(item, _Failure):
+                raise item.error
+            return item
+        return None
+
+    def close(self) -> None:
+        """Stop the producer and join it. A producer blocked inside the source's `next()`
+        cannot be interrupted; it is abandoned (daemon) after a timeout, with a warning."""
+        self._stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=_JOIN_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.warning(
+                "prefetch thread still blocked in the batch iterator after %.0f s",
+                _JOIN_TIMEOUT_S,
+            )
