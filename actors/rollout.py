@@ -1,0 +1,451 @@
+"""The rollout actor: steps `num_envs` environments with a stale copy of the policy.
+
+`RolloutActor` is plain Python (Ray is applied in `deploy/`). Each `collect()` plays
+`unroll_length` steps of all envs with batched CPU inference, writes them into a `Fragment`
+(time-major, see `replay.trajectory`), encodes it with `replay.codec.encode` and hands the bytes
+to a `FragmentSink`. Weights come from a `WeightSource` and change only between fragments, so
+every fragment is acted by exactly one policy version, which it carries.
+
+Autoreset bookkeeping across fragments: the last observation of a fragment is row 0 of the next
+one, and the "previous step ended an episode" flags carry over, so `autoreset[0]` is right.
+Episode returns and lengths count only real steps (an autoreset step is not part of any
+episode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from actors.envs import EnvConfig, env_seeds, make_vec_env, seeded_reset
+from learner.policy import PolicySpec, load_numpy_state_dict, make_policy
+from replay.codec import encode
+from replay.trajectory import Fragment
+
+log = logging.getLogger(__name__)
+
+#: After this many env failures in a row without one completed fragment the actor gives up
+#: (raises), and whoever supervises it decides what next.
+MAX_CONSECUTIVE_ENV_ERRORS = 5
+#: Polling interval bounds while waiting for fresh weights (`max_lag`), in seconds.
+_POLL_MIN_S, _POLL_MAX_S = 0.002, 0.1
+
+
+def _field(default: object, doc: str) -> object:
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorConfig:
+    """How each rollout actor collects; one per job, shared by all actors."""
+
+    num_envs: int = _field(
+        64, "environments per actor, stepped in lockstep with one batched policy call"
+    )
+    unroll_length: int = _field(32, "T: steps per fragment (a fragment is T x num_envs steps)")
+    sync_every: int = _field(
+        1, "fragments between weight syncs: the staleness knob (1 = fetch before every fragment)"
+    )
+    max_lag: int | None = _field(
+        None,
+        "refuse to act with weights more than this many versions behind the source: fetch (and "
+        "if need be wait) before the next fragment; None = no bound",
+    )
+    max_lag_timeout_s: float = _field(
+        300.0, "seconds to wait for fresh enough weights before raising TimeoutError"
+    )
+    max_inflight: int = _field(
+        2, "fragment inserts in flight per actor; the sink blocks beyond it (backpressure)"
+    )
+    num_cpus: float = _field(1.0, "Ray CPUs reserved per actor (fractional allowed, e.g. 0.5)")
+    torch_threads: int = _field(1, "torch intra-op threads for the actor's inference")
+
+    def __post_init__(self) -> None:
+        for name in ("num_envs", "unroll_length", "sync_every", "max_inflight", "torch_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_lag is not None and (
+            not isinstance(self.max_lag, int) or isinstance(self.max_lag, bool) or self.max_lag < 0
+        ):
+            raise ValueError(f"max_lag must be None or an integer >= 0, got {self.max_lag!r}")
+        if not isinstance(self.max_lag_timeout_s, int | float) or self.max_lag_timeout_s <= 0:
+            raise ValueError(f"max_lag_timeout_s must be > 0, got {self.max_lag_timeout_s!r}")
+        if not isinstance(self.num_cpus, int | float) or not 0 < self.num_cpus <= 1024:
+            raise ValueError(f"num_cpus must be in (0, 1024], got {self.num_cpus!r}")
+
+
+@runtime_checkable
+class FragmentSink(Protocol):
+    """Where encoded fragments go (in deploy/: the replay service, with bounded in-flight)."""
+
+    def put(self, data: bytes) -> None:
+        """Send one encoded fragment; may block to keep inserts in flight bounded."""
+
+    def flush(self) -> None:
+        """Block until every fragment put so far has been delivered (or failed)."""
+
+
+@runtime_checkable
+class WeightSource(Protocol):
+    """Where the actor gets policy weights (in deploy/: the learner's WeightStore)."""
+
+    def version(self) -> int:
+        """The newest published version; -1 when nothing is published yet. Cheap."""
+
+    def fetch(self, have_version: int) -> tuple[int, dict[str, np.ndarray]] | None:
+        """`(version, numpy state dict)` of the newest weights if newer than `have_version`,
+        else None."""
+
+
+class MemorySink:
+    """A `FragmentSink` keeping the bytes in a list: for tests and the serial mode."""
+
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+        self.flushes = 0
+
+    def put(self, data: bytes) -> None:
+        self.items.append(data)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class LocalWeights:
+    """An in-process `WeightSource`: `publish(weights)` bumps the version. Thread-safe."""
+
+    def __init__(self, weights: dict[str, np.ndarray] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._version = -1
+        self._weights: dict[str, np.ndarray] | None = None
+        if weights is not None:
+            self.publish(weights)
+
+    def publish(self, weights: dict[str, np.ndarray]) -> int:
+        with self._lock:
+            self._version += 1
+            self._weights = weights
+            return self._version
+
+    def version(self) -> int:
+        with self._lock:
+            return self._version
+
+    def fetch(self, have_version: int) -> tuple[int, dict[str, np.ndarray]] | None:
+        with self._lock:
+            if self._weights is None or self._version <= have_version:
+                return None
+            return self._version, self._weights
+
+
+@dataclasses.dataclass
+class ActorStats:
+    """Counters since the actor started; the episode lists only since the last `stats()`."""
+
+    actor_id: int
+    env_steps: int  # vector-env steps x num_envs, autoreset steps included
+    fragments: int
+    policy_version: int  # the version acting now (-1: own initial weights, never synced)
+    episode_returns: list[float]
+    episode_lengths: list[int]
+    weight_syncs: int  # times new weights were loaded
+    max_lag_waits: int  # times the actor was over max_lag and had to fetch before acting
+    env_errors: int  # env exceptions recovered from by rebuilding the vector env
+
+
+class _EnvFailure(Exception):
+    pass
+
+
+class _Stopped(Exception):
+    pass
+
+
+class RolloutActor:
+    """Collects fragments from `actor_config.num_envs` envs with a stale copy of the policy."""
+
+    def __init__(
+        self,
+        actor_id: int,
+        env_config: EnvConfig,
+        actor_config: ActorConfig,
+        spec: PolicySpec,
+        *,
+        sink: FragmentSink,
+        weights: WeightSource,
+    ) -> None:
+        if env_config.num_envs != actor_config.num_envs:
+            raise ValueError(
+                f"num_envs: env config has {env_config.num_envs} but actor config has "
+                f"{actor_config.num_envs}; they must agree"
+            )
+        torch.set_num_threads(actor_config.torch_threads)
+        # Action sampling draws from torch's global generator: seed it like the envs, so an
+        # actor with the same weights replays the same fragments.
+        torch.manual_seed(env_seeds(env_config, actor_id)[0])
+        self.actor_id = actor_id
+        self._env_config = env_config
+        self._config = actor_config
+        self._spec = spec
+        self._sink = sink
+        self._weights = weights
+        self._policy = make_policy(spec)
+        self._policy.requires_grad_(False)
+        self._obs_dtype = np.dtype(spec.obs_dtype)
+        if spec.action_kind == "discrete":
+            self._action_shape: tuple[int, ...] = ()
+            self._action_dtype = np.dtype(np.int64)
+        else:
+            self._action_shape = (spec.action_dim,)
+            self._action_dtype = np.dtype(np.float32)
+        n = actor_config.num_envs
+        self._nonce = uuid.uuid4().hex[:8]
+        self._generation = 0
+        self._env = make_vec_env(env_config, actor_id=actor_id)
+        self._check_spaces()
+        # State carried from one fragment to the next.
+        self._obs = np.zeros((n, *spec.obs_shape), self._obs_dtype)
+        self._prev_done = np.zeros(n, bool)
+        self._ep_return = np.zeros(n, np.float64)
+        self._ep_length = np.zeros(n, np.int64)
+        self._reset_env()
+        self._version = -1
+        self._since_sync = 0
+        self._stop: threading.Event | None = None
+        self._lock = threading.Lock()  # guards the counters below, read by stats()
+        self._env_steps = 0
+        self._fragments = 0
+        self._weight_syncs = 0
+        self._max_lag_waits = 0
+        self._env_errors = 0
+        self._new_returns: list[float] = []
+        self._new_lengths: list[int] = []
+        self._sync()
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    def collect(self) -> Fragment:
+        """Play one fragment, send it to the sink, and return it."""
+        self._before_fragment()
+        failures = 0
+        while True:
+            try:
+                fragment, returns, lengths = self._unroll()
+                break
+            except _EnvFailure as err:
+                failures += 1
+                with self._lock:
+                    self._env_errors += 1
+                if failures >= MAX_CONSECUTIVE_ENV_ERRORS:
+                    raise RuntimeError(
+                        f"actor {self.actor_id}: {failures} environment errors in a row"
+                    ) from err.__cause__
+                log.warning(
+                    "actor %d: environment error, rebuilding the vector env and dropping the "
+                    "fragment and episodes in progress: %r",
+                    self.actor_id,
+                    err.__cause__,
+                )
+                self._rebuild_env()
+        self._sink.put(encode(fragment))
+        self._since_sync += 1
+        with self._lock:
+            self._env_steps += fragment.rewards.size
+            self._fragments += 1
+            self._new_returns.extend(returns)
+            self._new_lengths.extend(lengths)
+        return fragment
+
+    def run(self, stop: threading.Event) -> None:
+        """Collect until `stop` is set, then flush the sink (every collected fragment is sent)."""
+        self._stop = stop
+        try:
+            while not stop.is_set():
+                self.collect()
+        except _Stopped:
+            pass
+        finally:
+            self._stop = None
+            self._sink.flush()
+
+    def stats(self) -> ActorStats:
+        """Counters, and the episodes finished since the last call (drained). Thread-safe."""
+        with self._lock:
+            returns, self._new_returns = self._new_returns, []
+            lengths, self._new_lengths = self._new_lengths, []
+            return ActorStats(
+                actor_id=self.actor_id,
+                env_steps=self._env_steps,
+                fragments=self._fragments,
+                policy_version=self._version,
+                episode_returns=returns,
+                episode_lengths=lengths,
+                weight_syncs=self._weight_syncs,
+                max_lag_waits=self._max_lag_waits,
+                env_errors=self._env_errors,
+            )
+
+    def close(self) -> None:
+        self._env.close()
+
+    # -- stepping --------------------------------------------------------------------------------
+
+    def _unroll(self) -> tuple[Fragment, list[float], list[int]]:
+        t_len, n = self._config.unroll_length, self._config.num_envs
+        obs = np.empty((t_len + 1, n, *self._spec.obs_shape), self._obs_dtype)
+        actions = np.empty((t_len, n, *self._action_shape), self._action_dtype)
+        rewards = np.empty((t_len, n), np.float32)
+        terminated = np.empty((t_len, n), bool)
+        truncated = np.empty((t_len, n), bool)
+        autoreset = np.empty((t_len, n), bool)
+        logp = np.empty((t_len, n), np.float32)
+        returns: list[float] = []
+        lengths: list[int] = []
+        obs[0] = self._obs
+        prev_done, done, live = self._prev_done, np.empty(n, bool), np.empty(n, bool)
+        ep_return, ep_length = self._ep_return, self._ep_length
+        act, env = self._policy.act, self._env
+        for t in range(t_len):
+            out = act(obs[t])
+            actions[t] = out.actions
+            logp[t] = out.logp
+            autoreset[t] = prev_done
+            try:
+                next_obs, reward, term, trunc, _ = env.step(out.actions)
+            except Exception as err:
+                raise _EnvFailure() from err
+            obs[t + 1] = next_obs
+            rewards[t] = reward
+            terminated[t] = term
+            truncated[t] = trunc
+            # An autoreset step (previous step ended) belongs to no episode.
+            np.logical_not(prev_done, out=live)
+            np.add(ep_return, rewards[t], out=ep_return, where=live)
+            ep_length += live
+            np.logical_or(terminated[t], truncated[t], out=done)
+            if done.any():
+                ended = np.flatnonzero(done)
+                returns.extend(ep_return[ended].tolist())
+                lengths.extend(ep_length[ended].tolist())
+                ep_return[ended] = 0.0
+                ep_length[ended] = 0
+            prev_done, done = done, prev_done
+        self._obs[...] = obs[t_len]
+        self._prev_done[...] = prev_done
+        fragment = Fragment(
+            obs=obs,
+            actions=actions,
+            rewards=rewards,
+            terminated=terminated,
+            truncated=truncated,
+            autoreset=autoreset,
+            behaviour_logp=logp,
+            policy_version=max(self._version, 0),
+            actor_id=self.actor_id,
+            fragment_id=f"{self.actor_id}-{self._nonce}-{self._fragments}",
+            episode_returns=np.asarray(returns, np.float32),
+            episode_lengths=np.asarray(lengths, np.int32),
+        )
+        return fragment, returns, lengths
+
+    def _reset_env(self) -> None:
+        seeds = env_seeds(self._env_config, self.actor_id, self._generation)
+        obs, _ = seeded_reset(self._env, seeds)
+        self._obs[...] = obs
+        self._prev_done[...] = False
+        self._ep_return[...] = 0.0
+        self._ep_length[...] = 0
+
+    def _rebuild_env(self) -> None:
+        """Replace a broken vector env by a fresh one with new (reproducible) seeds; the
+        episodes in progress are dropped."""
+        try:
+            self._env.close()
+        except Exception:  # a broken env may fail to close too; it is discarded either way
+            log.debug("actor %d: closing the broken env failed", self.actor_id, exc_info=True)
+        self._generation += 1
+        self._env = make_vec_env(self._env_config, actor_id=self.actor_id)
+        try:
+            self._reset_env()
+        except Exception as err:
+            raise _EnvFailure() from err
+
+    def _check_spaces(self) -> None:
+        obs_space, act_space = self._env.single_observation_space, self._env.single_action_space
+        spec = self._spec
+        if tuple(obs_space.shape or ()) != spec.obs_shape:
+            raise ValueError(
+                f"env {self._env_config.id} observations have shape {obs_space.shape}, the "
+                f"policy spec expects {spec.obs_shape}"
+            )
+        if isinstance(act_space, spaces.Discrete):
+            ok = spec.action_kind == "discrete" and int(act_space.n) == spec.action_dim
+        else:
+            ok = spec.action_kind == "continuous" and act_space.shape == (spec.action_dim,)
+        if not ok:
+            raise ValueError(
+                f"env {self._env_config.id} has actions {act_space}, the policy spec expects "
+                f"{spec.action_kind} with action_dim={spec.action_dim}"
+            )
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def _before_fragment(self) -> None:
+        max_lag = self._config.max_lag
+        if max_lag is not None:
+            latest = self._weights.version()
+            if latest - self._version > max_lag:
+                self._wait_for_weights(latest, max_lag)
+                return
+        if self._since_sync >= self._config.sync_every:
+            self._sync()
+
+    def _sync(self) -> bool:
+        """Load the newest weights if the source has newer ones; True when it did."""
+        self._since_sync = 0
+        if self._weights.version() <= self._version:
+            return False
+        got = self._weights.fetch(self._version)
+        if got is None:
+            return False
+        version, weights = got
+        load_numpy_state_dict(self._policy, weights)
+        with self._lock:
+            self._version = version
+            self._weight_syncs += 1
+        return True
+
+    def _wait_for_weights(self, latest: int, max_lag: int) -> None:
+        """Block until the acting weights are at most `max_lag` versions behind the source."""
+        with self._lock:
+            self._max_lag_waits += 1
+        deadline = time.monotonic() + self._config.max_lag_timeout_s
+        delay = _POLL_MIN_S
+        while True:
+            self._sync()
+            latest = self._weights.version()
+            if latest - self._version <= max_lag:
+                return
+            if self._stop is not None and self._stop.is_set():
+                raise _Stopped()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"actor {self.actor_id}: weights are version {self._version}, the source "
+                    f"has {latest}, max_lag={max_lag}; no fresh enough weights arrived in "
+                    f"{self._config.max_lag_timeout_s} s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
