@@ -159,6 +159,7 @@ class StepMetrics:
     """What one `Learner.step` measured. Scalars are Python floats (NaN when skipped)."""
 
     version: int  # learner version after the step
+    loss: float  # the total loss that was differentiated
     policy_loss: float
     value_loss: float
     entropy: float  # mean entropy of pi over real steps (the bonus is entropy_coef * this)
@@ -380,26 +381,28 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         ok = inputs_finite & torch.isfinite(loss) & torch.isfinite(grad_norm)
 
-        log_rho = (inp.target_logp - inp.behaviour_logp)[mask.bool()]
-        rho = log_rho.exp()
+        # Importance statistics over real steps, as masked sums (no data-dependent shapes, so
+        # no device syncs until the single read-back below).
+        log_rho = inp.target_logp - inp.behaviour_logp
+        rho = log_rho.exp() * mask
         clip = math.inf if cfg.rho_clip is None else cfg.rho_clip
-        # One host sync for every scalar of the step.
-        stats = torch.stack(
-            [
-                ok.float(),
-                policy_loss.detach(),
-                value_loss.detach(),
-                entropy.detach(),
-                grad_norm.detach().float(),
-                rho.mean() if rho.numel() else torch.ones((), device=rho.device),
-                (rho > clip).float().mean() if rho.numel() else torch.zeros((), device=rho.device),
-                rho.sum() ** 2 / (rho.numel() * (rho**2).sum()).clamp(min=1e-30),
-                mask.sum(),
-            ]
-        ).tolist()
-        skipped = stats[0] == 0.0
+        scalars = {
+            "ok": ok.float(),
+            "loss": loss.detach(),
+            "policy_loss": policy_loss.detach(),
+            "value_loss": value_loss.detach(),
+            "entropy": entropy.detach(),
+            "grad_norm": grad_norm.detach().float(),
+            "rho_mean": rho.sum() / n,
+            "rho_clipped_frac": ((rho > clip).float() * mask).sum() / n,
+            "ess": rho.sum() ** 2 / (n * (rho**2).sum()).clamp(min=1e-30),
+            "samples": mask.sum(),
+        }
+        stats = dict(zip(scalars, torch.stack(list(scalars.values())).tolist(), strict=True))
+        log_rho_np = log_rho.cpu().numpy()[inp.mask.cpu().numpy() > 0]
+        skipped = stats.pop("ok") == 0.0
         lag = self.version - batch.policy_version
-        samples = int(stats[8])
+        samples = int(stats.pop("samples"))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
             self._consecutive_nan += 1
@@ -423,26 +426,19 @@ class Learner:
                 time.monotonic() - self._last_checkpoint >= cfg.checkpoint_every
             ):
                 self.save_checkpoint()
-        log_rho_np = log_rho.detach().float().cpu().numpy()
         if log_rho_np.size > _HISTOGRAM_MAX:
             idx = np.linspace(0, log_rho_np.size - 1, _HISTOGRAM_MAX).astype(np.int64)
             log_rho_np = log_rho_np[idx]
         return StepMetrics(
             version=self.version,
-            policy_loss=stats[1],
-            value_loss=stats[2],
-            entropy=stats[3],
-            grad_norm=stats[4],
             lr=lr,
-            rho_mean=stats[5],
-            rho_clipped_frac=stats[6],
-            ess=stats[7],
             lag_mean=float(lag.mean()),
             lag_max=int(lag.max()),
             lag=lag.astype(np.int64),
             log_rho=log_rho_np,
             samples=samples,
             skipped=skipped,
+            **stats,
         )
 
     def publish_weights(self) -> None:

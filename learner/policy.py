@@ -286,10 +286,12 @@ class ActorCritic(nn.Module):
 
     def distribution(self, policy_out: torch.Tensor) -> Categorical | Normal:
         """The action distribution for the output of `forward` (Normal is per dimension)."""
+        # No argument validation: it costs a device sync per call, and a diverged network must
+        # reach the learner's non-finite check (a skipped step) rather than raise here.
         if self.spec.action_kind == "discrete":
-            return Categorical(logits=policy_out)
+            return Categorical(logits=policy_out, validate_args=False)
         log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-        return Normal(policy_out, log_std.exp().expand_as(policy_out))
+        return Normal(policy_out, log_std.exp().expand_as(policy_out), validate_args=False)
 
     def _logp_entropy(
         self, dist: Categorical | Normal, actions: torch.Tensor
