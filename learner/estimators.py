@@ -28,6 +28,7 @@ variance each buys, is shown on an exactly solvable MDP in `tests/test_estimator
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -113,27 +114,24 @@ def _check_tensors(
 
 
 def _check_values(
-    tensors: dict[str, torch.Tensor | None], conditions: tuple[tuple[str, torch.Tensor], ...] = ()
+    tensors: dict[str, torch.Tensor | None], discounts: torch.Tensor | None = None
 ) -> None:
-    """Raise if any tensor holds NaN/inf or any `(message, bool 0-dim tensor)` condition fails.
+    """Raise if any tensor holds NaN/inf, or if `discounts` (when given) leave [0, 1].
 
-    All reductions stay on the device and are read back with one host sync.
+    `x * 0` is 0 where x is finite and NaN where it is NaN or +-inf, and a sum of zeros is
+    exactly 0, so one cheap reduction per input finds any non-finite value (on CPU it is ~10x
+    faster than `isfinite(x).all()`). All reductions are read back with a single host sync.
     """
-    messages, flags = [], []
-    for name, x in tensors.items():
-        if x is not None:
-            messages.append(f"{name} contains NaN or inf")
-            flags.append(torch.isfinite(x).all())
-    for message, flag in conditions:
-        messages.append(message)
-        flags.append(flag)
-    for message, ok in zip(messages, torch.stack(flags).tolist(), strict=True):
-        if not ok:
-            raise ValueError(message)
-
-
-def _discounts_in_range(discounts: torch.Tensor) -> tuple[str, torch.Tensor]:
-    return ("discounts must lie in [0, 1]", ((discounts >= 0) & (discounts <= 1)).all())
+    names = [name for name, x in tensors.items() if x is not None]
+    stats = [tensors[name].mul(0).sum() for name in names]
+    if discounts is not None:
+        stats.extend(discounts.aminmax())
+    found = torch.stack(stats).tolist()
+    for name, value in zip(names, found, strict=False):
+        if value != 0:
+            raise ValueError(f"{name} contains NaN or inf")
+    if discounts is not None and not (found[-2] >= 0 and found[-1] <= 1):
+        raise ValueError(f"discounts must lie in [0, 1], found [{found[-2]}, {found[-1]}]")
 
 
 def _check_clip(name: str, value: float | None) -> None:
@@ -149,45 +147,63 @@ def _check_clip(name: str, value: float | None) -> None:
 # Kernels: unchecked, used once the inputs are known to be good.
 
 
-def _reverse_scan(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
-    """Solve `a_t = x_t + y_t * a_{t+1}` backwards from `a_T = init`; `x, y [T, B]`, `init [B]`.
+def _scan(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, *, reverse: bool) -> torch.Tensor:
+    """Solve the linear recurrence `a_t = x_t + y_t * a_{t-1}` (or `a_{t+1}` when `reverse`).
 
-    A loop over T (each step one fused multiply-add over B, written straight into the output):
-    exact in the sense that it performs the recurrence itself, and for T ~ 100 cheaper on CPU
-    than a log-depth scan, which does ~log2(T) passes over all T * B elements.
+    `x, y` are `[T, B]`, `init [B]` is `a_{-1}` (or `a_T`). A loop over T, each step one fused
+    multiply-add over B written straight into the output: it performs the recurrence itself, so
+    it is as exact as the formula, and at T ~ 100 it beats a log-depth scan on CPU (that does
+    ~log2(T) passes over all T * B elements).
     """
     out = torch.empty_like(x)
+    # unbind: all row views in one call, cheaper than indexing x[t] three times per step.
+    rows = list(zip(x.unbind(0), y.unbind(0), out.unbind(0), strict=True))
     acc = init
-    for t in range(x.shape[0] - 1, -1, -1):
-        acc = torch.addcmul(x[t], y[t], acc, out=out[t])
+    for x_t, y_t, out_t in reversed(rows) if reverse else rows:
+        acc = torch.addcmul(x_t, y_t, acc, out=out_t)
     return out
 
 
-def _segment_bounds(discounts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first and last time index of each step's episode segment, both int64 `[T, B]`."""
-    T = discounts.shape[0]
-    steps = torch.arange(T, device=discounts.device).unsqueeze(1).expand_as(discounts)
-    is_end = discounts == 0
-    is_end[-1] = True
-    is_start = torch.empty_like(is_end)
-    is_start[0] = True
-    is_start[1:] = is_end[:-1]
-    # Forward-fill the index of the latest start, backward-fill the index of the next end.
-    start = torch.where(is_start, steps, 0).cummax(0).values
-    end = torch.where(is_end, steps, T - 1).flip(0).cummin(0).values.flip(0)
-    return start, end
+class _Segments:
+    """Episode-segment indicators of a `[T, B]` batch, as 0/1 floats of the batch's dtype.
 
-
-def _segment_log_rho(log_rho: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """`sum_{k = start_t}^{t} log_rho_k` per step: the log of the segment's running IS product.
-
-    One cumulative sum over the whole column, minus its value before each segment's start. The
-    sum runs in float64 so that a long column's large running total does not cost float32 inputs
-    their precision when the per-segment offset is subtracted.
+    `continues` is 1 where the segment carries on to step t + 1, `carried` 1 where it carries
+    on from step t - 1; `ends = 1 - continues` and `starts = 1 - carried`. Each is computed on
+    first use, since most estimators need only some of them.
     """
-    total = log_rho.to(torch.float64).cumsum(0)
-    before = torch.cat([torch.zeros_like(total[:1]), total[:-1]])
-    return (total - before.gather(0, start)).to(log_rho.dtype)
+
+    def __init__(self, discounts: torch.Tensor):
+        self._discounts = discounts
+
+    @functools.cached_property
+    def continues(self) -> torch.Tensor:
+        continues = self._discounts.sign()  # discounts are in [0, 1]: 1 unless the episode ends
+        continues[-1] = 0
+        return continues
+
+    @functools.cached_property
+    def carried(self) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(self.continues[:1]), self.continues[:-1]])
+
+    @functools.cached_property
+    def starts(self) -> torch.Tensor:
+        return 1 - self.carried
+
+    @functools.cached_property
+    def ends(self) -> torch.Tensor:
+        return 1 - self.continues
+
+    def fill_from_start(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` at the first step of each step's segment."""
+        return _scan(x * self.starts, self.carried, torch.zeros_like(x[0]), reverse=False)
+
+    def fill_from_end(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` at the last step of each step's segment."""
+        return _scan(x * self.ends, self.continues, torch.zeros_like(x[0]), reverse=True)
+
+    def running_product(self, x: torch.Tensor) -> torch.Tensor:
+        """`prod_{k = s}^{t} x_k`, s the first step of t's segment."""
+        return _scan(x * self.starts, x * self.carried, torch.zeros_like(x[0]), reverse=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,9 +235,9 @@ def discounted_returns(
     )
     _check_values(
         {"rewards": rewards, "discounts": discounts, "bootstrap_value": bootstrap_value},
-        (_discounts_in_range(discounts),),
+        discounts,
     )
-    return _reverse_scan(rewards, discounts, bootstrap_value)
+    return _scan(rewards, discounts, bootstrap_value, reverse=True)
 
 
 @torch.no_grad()
@@ -313,12 +329,12 @@ def pg_weights(
     _check_tensors(steps, {"bootstrap_value": bootstrap_value})
     _check_values(
         {**steps, "bootstrap_value": bootstrap_value},
-        (_discounts_in_range(discounts),),
+        discounts,
     )
 
-    q = _reverse_scan(rewards, discounts, bootstrap_value)
-    start, end = _segment_bounds(discounts)
-    ret = q.gather(0, start) if estimator in _SEGMENT_RETURN else q
+    q = _scan(rewards, discounts, bootstrap_value, reverse=True)
+    segments = _Segments(discounts)
+    ret = segments.fill_from_start(q) if estimator in _SEGMENT_RETURN else q
     if baseline is None:
         b = torch.zeros((), dtype=q.dtype, device=q.device)
     elif state_baseline is None:  # "mean"
@@ -332,17 +348,17 @@ def pg_weights(
     log_rho = target_logp - behaviour_logp
     if rho_clip is not None:
         log_rho = log_rho.clamp(max=math.log(rho_clip))
+    rho = log_rho.exp()
     if estimator == "first_order_is":
-        return log_rho.exp() * (ret - b)
-    log_prod = _segment_log_rho(log_rho, start)
+        return rho * (ret - b)
+    prod = segments.running_product(rho)
     if estimator == "trajectory_is":
-        return log_prod.gather(0, end).exp() * (ret - b)
-    prod = log_prod.exp()
+        return segments.fill_from_end(prod) * (ret - b)
     if estimator == "reduced_is":
         return prod * (ret - b)
     # per_decision_is: each reward carries the ratio product up to its own step, so the
     # reward-to-go of P * r (bootstrapped with the last segment's full product) is the sum.
-    weighted = _reverse_scan(prod * rewards, discounts, prod[-1] * bootstrap_value)
+    weighted = _scan(prod * rewards, discounts, prod[-1] * bootstrap_value, reverse=True)
     return weighted - prod * b
 
 
@@ -405,7 +421,7 @@ def vtrace(
     _check_tensors(steps, {"bootstrap_value": bootstrap_value})
     _check_values(
         {**steps, "bootstrap_value": bootstrap_value},
-        (_discounts_in_range(discounts),),
+        discounts,
     )
 
     log_rho = target_logp - behaviour_logp
@@ -417,7 +433,7 @@ def vtrace(
     rhos, cs, pg_rhos = clipped(rho_clip), clipped(c_clip), clipped(pg_rho_clip)
     values_next = torch.cat([values[1:], bootstrap_value.unsqueeze(0)])
     deltas = rhos * (rewards + discounts * values_next - values)
-    vs = values + _reverse_scan(deltas, discounts * cs, torch.zeros_like(bootstrap_value))
+    vs = values + _scan(deltas, discounts * cs, torch.zeros_like(bootstrap_value), reverse=True)
     vs_next = torch.cat([vs[1:], bootstrap_value.unsqueeze(0)])
     pg_advantages = pg_rhos * (rewards + discounts * vs_next - values)
     return VTraceReturns(vs=vs, pg_advantages=pg_advantages)
@@ -456,12 +472,11 @@ def optimal_baseline(returns: torch.Tensor, grad_sq_norms: torch.Tensor) -> torc
         )
     if grad_sq_norms.dtype != returns.dtype or grad_sq_norms.device != returns.device:
         raise ValueError("grad_sq_norms must have the dtype and device of returns")
+    _check_values({"returns": returns, "grad_sq_norms": grad_sq_norms})
     total = grad_sq_norms.sum()
-    _check_values(
-        {"returns": returns, "grad_sq_norms": grad_sq_norms},
-        (
-            ("grad_sq_norms must be >= 0", (grad_sq_norms >= 0).all()),
-            ("grad_sq_norms must not all be 0", total > 0),
-        ),
-    )
+    lowest, total_value = torch.stack([grad_sq_norms.amin(), total]).tolist()
+    if lowest < 0:
+        raise ValueError(f"grad_sq_norms must be >= 0, found {lowest}")
+    if total_value <= 0:
+        raise ValueError("grad_sq_norms must not all be 0")
     return (grad_sq_norms * returns).sum() / total
