@@ -263,8 +263,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_long_float32_columns_keep_their_precision_across_segments(device):
-    # A large running log-ratio total before the last segment must not eat float32 precision
-    # (CPU cumsum accumulates float32 in double anyway; CUDA's does not).
+    # The ratio products of a 500-step segment late in a 2000-step column, in float32, stay
+    # within 1e-5 of float64: no running total from earlier segments leaks into them.
     batch = make_batch(2000, 2, torch.float64, ends=False, seed=8)
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     batch["target_logp"] = batch["behaviour_logp"] - 0.05 + 0.01 * noise
