@@ -1,0 +1,94 @@
+"""Rollout speed on one core: raw vector-env stepping against `RolloutActor.collect()`.
+
+    python benchmarks/rollout.py                      # CartPole-v1, num_envs 16/64/256, T=32
+    python benchmarks/rollout.py --num-envs 64 128 --unroll 32 64 --seconds 5
+
+Raw stepping is the vector env alone with pre-drawn random actions (no policy). The actor rate
+is env steps per second of `collect()` with everything it does: batched inference on one torch
+thread, buffer filling, episode statistics, `replay.codec.encode` (the sink discards the bytes).
+Prints a Markdown table; `ratio` is actor rate / raw rate at the same `num_envs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from actors.envs import EnvConfig, env_seeds, make_vec_env, probe_spaces, seeded_reset
+from actors.rollout import ActorConfig, LocalWeights, RolloutActor
+from learner.policy import PolicySpec, make_policy, state_dict_to_numpy
+
+
+class NullSink:
+    """Discards fragments: the benchmark measures the actor, not transport."""
+
+    def put(self, data: bytes) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def raw_steps_per_s(env_id: str, num_envs: int, seconds: float) -> float:
+    config = EnvConfig(id=env_id, num_envs=num_envs)
+    env = make_vec_env(config, actor_id=0)
+    seeded_reset(env, env_seeds(config, 0))
+    env.action_space.seed(0)
+    actions = [env.action_space.sample() for _ in range(64)]
+    steps = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for a in actions:
+            env.step(a)
+        steps += len(actions)
+    env.close()
+    return steps * num_envs / elapsed
+
+
+def actor_steps_per_s(env_id: str, num_envs: int, unroll: int, seconds: float) -> float:
+    env_config = EnvConfig(id=env_id, num_envs=num_envs)
+    spec = PolicySpec.from_spaces(*probe_spaces(env_config))
+    weights = LocalWeights(state_dict_to_numpy(make_policy(spec)))
+    actor = RolloutActor(
+        0,
+        env_config,
+        ActorConfig(num_envs=num_envs, unroll_length=unroll, torch_threads=1),
+        spec,
+        sink=NullSink(),
+        weights=weights,
+    )
+    actor.collect()  # warm-up
+    steps = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        steps += actor.collect().rewards.size
+    actor.close()
+    return steps / elapsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("--num-envs", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--unroll", type=int, nargs="+", default=[32])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"{args.env}, one torch thread, {args.seconds:g} s per measurement\n")
+    print("| num_envs | unroll | raw env steps/s | actor env steps/s | ratio |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for n in args.num_envs:
+        raw = raw_steps_per_s(args.env, n, args.seconds)
+        for unroll in args.unroll:
+            rate = actor_steps_per_s(args.env, n, unroll, args.seconds)
+            print(f"| {n} | {unroll} | {raw:,.0f} | {rate:,.0f} | {rate / raw:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
