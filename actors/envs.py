@@ -75,8 +75,7 @@ class EnvConfig:
     )
     num_envs: int = _field(
         128,
-        "environments stepped in lockstep by one actor (must equal actors.num_envs when used by "
-        "a RolloutActor)",
+        "environments in one vector env (a RolloutActor steps actors.num_envs instead)",
     )
     seed: int = _field(
         0, "base seed; actor a, env i is seeded with seed + a * 1_000_003 + i (reproducible)"
@@ -97,7 +96,7 @@ class EnvConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id.strip():
-            raise ValueError(f"id must be a non-empty string, got {self.id!r}")
+            raise ValueError(f"id: must be a non-empty string, got {self.id!r}")
         for name, low in (
             ("num_envs", 1),
             ("frame_stack", 1),
@@ -108,18 +107,18 @@ class EnvConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.atari_terminal_on_life_loss, bool):
             raise ValueError(
-                f"atari_terminal_on_life_loss must be true or false, "
+                f"atari_terminal_on_life_loss: must be true or false, "
                 f"got {self.atari_terminal_on_life_loss!r}"
             )
         if not isinstance(self.kwargs, Mapping) or not all(isinstance(k, str) for k in self.kwargs):
-            raise ValueError(f"kwargs must be a mapping with string keys, got {self.kwargs!r}")
+            raise ValueError(f"kwargs: must be a mapping with string keys, got {self.kwargs!r}")
         if "num_envs" in self.kwargs:
-            raise ValueError("kwargs must not contain num_envs: set env.num_envs instead")
+            raise ValueError("kwargs: must not contain num_envs (set num_envs itself)")
         if not isinstance(self.kwargs, FrozenKwargs):
             object.__setattr__(self, "kwargs", FrozenKwargs(self.kwargs))
 

@@ -75,15 +75,15 @@ class ActorConfig:
         for name in ("num_envs", "unroll_length", "sync_every", "max_inflight", "torch_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
         if self.max_lag is not None and (
             not isinstance(self.max_lag, int) or isinstance(self.max_lag, bool) or self.max_lag < 0
         ):
-            raise ValueError(f"max_lag must be None or an integer >= 0, got {self.max_lag!r}")
+            raise ValueError(f"max_lag: must be None or an integer >= 0, got {self.max_lag!r}")
         if not isinstance(self.max_lag_timeout_s, int | float) or self.max_lag_timeout_s <= 0:
-            raise ValueError(f"max_lag_timeout_s must be > 0, got {self.max_lag_timeout_s!r}")
+            raise ValueError(f"max_lag_timeout_s: must be > 0, got {self.max_lag_timeout_s!r}")
         if not isinstance(self.num_cpus, int | float) or not 0 < self.num_cpus <= 1024:
-            raise ValueError(f"num_cpus must be in (0, 1024], got {self.num_cpus!r}")
+            raise ValueError(f"num_cpus: must be in (0, 1024], got {self.num_cpus!r}")
 
 
 @runtime_checkable
@@ -174,7 +174,11 @@ class _Stopped(Exception):
 
 
 class RolloutActor:
-    """Collects fragments from `actor_config.num_envs` envs with a stale copy of the policy."""
+    """Collects fragments from `actor_config.num_envs` envs with a stale copy of the policy.
+
+    `actor_config.num_envs` overrides `env_config.num_envs`. Not thread-safe except `stats()`,
+    which may be called from another thread while `run()` collects.
+    """
 
     def __init__(
         self,
@@ -186,11 +190,8 @@ class RolloutActor:
         sink: FragmentSink,
         weights: WeightSource,
     ) -> None:
-        if env_config.num_envs != actor_config.num_envs:
-            raise ValueError(
-                f"num_envs: env config has {env_config.num_envs} but actor config has "
-                f"{actor_config.num_envs}; they must agree"
-            )
+        # The actor's batching knob decides how many envs it steps.
+        env_config = dataclasses.replace(env_config, num_envs=actor_config.num_envs)
         torch.set_num_threads(actor_config.torch_threads)
         # Action sampling draws from torch's global generator: seed it like the envs, so an
         # actor with the same weights replays the same fragments.

@@ -395,12 +395,12 @@ def test_actor_config_rejects_bad_values_naming_the_field(changes, field):
     assert ActorConfig(num_cpus=0.5).num_cpus == 0.5
 
 
-def test_actor_refuses_mismatched_configs_and_specs():
+def test_actor_num_envs_wins_and_a_mismatched_spec_is_refused():
     env_config = EnvConfig(num_envs=4)
     spec = _spec(env_config)
     kwargs = {"sink": MemorySink(), "weights": LocalWeights()}
-    with pytest.raises(ValueError, match=r"^num_envs"):
-        RolloutActor(0, env_config, ActorConfig(num_envs=8), spec, **kwargs)
+    actor = RolloutActor(0, env_config, ActorConfig(num_envs=8, unroll_length=2), spec, **kwargs)
+    assert actor.collect().obs.shape == (3, 8, 4)
     pendulum = EnvConfig(id="Pendulum-v1", num_envs=4)
     with pytest.raises(ValueError, match="observations have shape"):
         RolloutActor(0, pendulum, ActorConfig(num_envs=4), spec, **kwargs)
