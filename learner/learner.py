@@ -26,30 +26,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import queue
-import re
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from learner import checkpoint
 from learner.estimators import ESTIMATORS, pg_weights, vtrace
 from learner.policy import ActorCritic, PolicySpec, make_policy, state_dict_to_numpy
+from learner.prefetch import Prefetcher, TensorBatch, to_tensors
 from replay.trajectory import Batch
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
-_CHECKPOINT_RE = re.compile(r"^ckpt-(\d{9,})\.pt$")
-#: Seconds between checks of the stop flags while the prefetch queue is full or empty.
-_POLL_S = 0.1
-#: Seconds to wait for the prefetch thread to finish after a run ends.
-_JOIN_TIMEOUT_S = 10.0
 #: Most values kept per histogram array in `StepMetrics` (a uniform subsample).
 _HISTOGRAM_MAX = 4096
 
@@ -192,38 +184,6 @@ class StepMetrics:
 
     def histograms(self) -> dict[str, np.ndarray]:
         return {TAG_LAG_HIST: self.lag, TAG_LOG_RHO_HIST: self.log_rho}
-
-
-class TensorBatch(NamedTuple):
-    """A `Batch` as tensors on the learner's device (same layout, same dtypes)."""
-
-    obs: torch.Tensor  # [T+1, B, *obs_shape] float32 | uint8
-    actions: torch.Tensor  # [T, B] int64 | [T, B, d] float32
-    rewards: torch.Tensor  # [T, B] float32
-    terminated: torch.Tensor  # [T, B] bool
-    truncated: torch.Tensor  # [T, B] bool
-    autoreset: torch.Tensor  # [T, B] bool
-    behaviour_logp: torch.Tensor  # [T, B] float32
-    policy_version: np.ndarray  # [B] int64, kept on the host (only used for metrics)
-
-
-def to_tensors(batch: Batch, device: torch.device, stream: Any = None) -> TensorBatch:
-    """Move a `Batch` to `device`. On CUDA the arrays go through pinned memory and are copied
-    with `non_blocking=True` on `stream` (the prefetch thread's own stream), which is
-    synchronised before returning so that the tensors are complete when handed over."""
-    names = TensorBatch._fields[:-1]
-    arrays = [getattr(batch, name) for name in names]
-    if device.type != "cuda":
-        # Arrays decoded by Ray are read-only; torch only wraps writable memory.
-        tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]
-        return TensorBatch(*tensors, np.asarray(batch.policy_version, np.int64))
-    with torch.cuda.stream(stream):
-        tensors = [
-            torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
-            for a in arrays
-        ]
-    stream.synchronize()
-    return TensorBatch(*tensors, np.asarray(batch.policy_version, np.int64))
 
 
 class LossInputs(NamedTuple):
@@ -471,7 +431,7 @@ class Learner:
         returns, also when the step or `on_step` raises; an exception raised by the iterator is
         re-raised here. `on_step` runs after every step, in this thread.
         """
-        prefetcher = _Prefetcher(
+        prefetcher = Prefetcher(
             iter(batches),
             self.config.prefetch,
             lambda b: to_tensors(b, self.device, self._copy_stream()),
@@ -496,14 +456,12 @@ class Learner:
         """Write a checkpoint of the current version atomically and prune to the newest
         `keep_checkpoints`; returns its path.
 
-        Holds only tensors and plain containers (no pickled classes), so `torch.load` with
-        `weights_only=True` reads it: model, optimiser, version, counters, config and spec.
+        Holds model, optimiser, version, counters, config and spec as tensors and plain
+        containers (`torch.load(weights_only=True)` reads it; see `learner.checkpoint`).
         """
         if self.checkpoint_dir is None:
             raise ValueError("this learner has no checkpoint_dir")
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
         state = {
-            "format": CHECKPOINT_FORMAT,
             "version": self.version,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -511,37 +469,15 @@ class Learner:
             "config": self.config.to_dict(),
             "spec": self.spec.to_dict(),
         }
-        path = os.path.join(self.checkpoint_dir, f"ckpt-{self.version:09d}.pt")
-        # Temp file in the same directory (same filesystem), fsync, then an atomic rename: a
-        # crash leaves either the old set of files or the complete new one, never half a file
-        # under a checkpoint name.
-        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=self.checkpoint_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.checkpoint_dir)
-        for old in self.checkpoints()[: -self.config.keep_checkpoints]:
-            os.unlink(old)
+        path = checkpoint.write_checkpoint(
+            self.checkpoint_dir, self.version, state, self.config.keep_checkpoints
+        )
         self._last_checkpoint = time.monotonic()
         return path
 
     def checkpoints(self) -> list[str]:
         """Paths of this learner's checkpoints, oldest first."""
-        if self.checkpoint_dir is None or not os.path.isdir(self.checkpoint_dir):
-            return []
-        found = []
-        for name in os.listdir(self.checkpoint_dir):
-            match = _CHECKPOINT_RE.match(name)
-            if match:
-                found.append((int(match.group(1)), os.path.join(self.checkpoint_dir, name)))
-        return [path for _, path in sorted(found)]
+        return checkpoint.list_checkpoints(self.checkpoint_dir)
 
     def restore_latest(self) -> int | None:
         """Load the newest readable checkpoint; returns its version, or None when there is none.
@@ -549,17 +485,17 @@ class Learner:
         A newest file that cannot be read (truncated, corrupt) is logged and skipped for the one
         before it. A checkpoint of a different network (its `PolicySpec` or tensor shapes differ
         from this learner's) raises `ValueError` listing the differences: resuming must not
-        silently start from scratch or from the wrong network.
+        silently start from scratch or from the wrong network. The config in the file is not
+        applied: the learner keeps the one it was built with (a resumed run may change `lr`).
         """
-        for path in reversed(self.checkpoints()):
-            try:
-                state = torch.load(path, map_location=self.device, weights_only=True)
-                if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-                    raise ValueError(f"not a format-{CHECKPOINT_FORMAT} checkpoint")
-            except Exception as exc:  # any unreadable file falls back to the one before
-                log.warning("skipping unreadable checkpoint %s: %s", path, exc)
-                continue
-            self._check_compatible(path, state)
+        for path, state in checkpoint.readable_checkpoints(self.checkpoint_dir, self.device):
+            differences = checkpoint.network_differences(
+                self.spec.to_dict(), self.model.state_dict(), state
+            )
+            if differences:
+                raise ValueError(
+                    f"checkpoint {path} is of a different network: " + "; ".join(differences)
+                )
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.version = int(state["version"])
@@ -567,112 +503,3 @@ class Learner:
             self._consecutive_nan = 0
             return self.version
         return None
-
-    def _check_compatible(self, path: str, state: dict[str, Any]) -> None:
-        differences = []
-        mine = self.spec.to_dict()
-        theirs = state.get("spec", {})
-        for key in sorted(set(mine) | set(theirs)):
-            if mine.get(key) != theirs.get(key):
-                differences.append(
-                    f"{key}: checkpoint {theirs.get(key)!r}, learner {mine.get(key)!r}"
-                )
-        own = self.model.state_dict()
-        for key, tensor in state["model"].items():
-            if key not in own:
-                differences.append(f"{key}: only in the checkpoint")
-            elif tuple(tensor.shape) != tuple(own[key].shape):
-                differences.append(
-                    f"{key}: checkpoint shape {tuple(tensor.shape)}, "
-                    f"learner {tuple(own[key].shape)}"
-                )
-        differences += [
-            f"{key}: missing from the checkpoint" for key in own if key not in state["model"]
-        ]
-        if differences:
-            raise ValueError(
-                f"checkpoint {path} is of a different network: " + "; ".join(differences)
-            )
-
-
-def _fsync_dir(path: str) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_END = object()
-
-
-class _Failure(NamedTuple):
-    error: BaseException
-
-
-class _Prefetcher:
-    """A named producer thread filling a bounded queue with converted batches."""
-
-    def __init__(self, source: Iterator[Any], depth: int, convert: Callable[[Any], Any]):
-        self._source = source
-        self._convert = convert
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._produce, name="offpg-learner-prefetch", daemon=True
-        )
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            for batch in self._source:
-                if self._stop.is_set() or not self._put(self._convert(batch)):
-                    return
-            self._put(_END)
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            self._put(_Failure(exc))
-
-    def get(self, stop: threading.Event | None) -> Any:
-        """The next converted batch, or None when the source is exhausted or `stop` is set."""
-        while stop is None or not stop.is_set():
-            try:
-                item = self._queue.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    return None
-                continue
-            if item is _END:
-                return None
-            if isinstance(item, _Failure):
-                raise item.error
-            return item
-        return None
-
-    def close(self) -> None:
-        """Stop the producer and join it. A producer blocked inside the source's `next()`
-        cannot be interrupted; it is abandoned (daemon) after a timeout, with a warning."""
-        self._stop.set()
-        while True:  # unblock a producer waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join(timeout=_JOIN_TIMEOUT_S)
-        if self._thread.is_alive():
-            log.warning(
-                "prefetch thread still blocked in the batch iterator after %.0f s",
-                _JOIN_TIMEOUT_S,
-            )

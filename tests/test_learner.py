@@ -131,17 +131,21 @@ def test_truncation_fold_and_autoreset_mask_give_known_vtrace_targets():
     ev = learner.model.evaluate(tb.obs, tb.actions)
     inp = loss_inputs(tb, ev.logp, ev.values, gamma)
     np.testing.assert_allclose(
-        inp.rewards.numpy(), [[1, 1], [1 + gamma * 2.0, 1], [0, 0], [1, 1]], rtol=1e-6
+        inp.rewards.cpu().numpy(), [[1, 1], [1 + gamma * 2.0, 1], [0, 0], [1, 1]], rtol=1e-6
     )
-    np.testing.assert_allclose(inp.discounts.numpy(), [[gamma] * 2, [0, 0], [1, 1], [gamma] * 2])
-    np.testing.assert_array_equal(inp.mask.numpy(), [[1, 1], [1, 1], [0, 0], [1, 1]])
-    np.testing.assert_allclose(inp.behaviour_logp.numpy(), np.full((4, 2), LOG_HALF), rtol=1e-6)
-    np.testing.assert_allclose(inp.bootstrap_value.numpy(), [2.0, 2.0])
+    np.testing.assert_allclose(
+        inp.discounts.cpu().numpy(), [[gamma] * 2, [0, 0], [1, 1], [gamma] * 2]
+    )
+    np.testing.assert_array_equal(inp.mask.cpu().numpy(), [[1, 1], [1, 1], [0, 0], [1, 1]])
+    np.testing.assert_allclose(
+        inp.behaviour_logp.cpu().numpy(), np.full((4, 2), LOG_HALF), rtol=1e-6
+    )
+    np.testing.assert_allclose(inp.bootstrap_value.cpu().numpy(), [2.0, 2.0])
 
     # On-policy V-trace targets are n-step returns: vs_3 = 1 + 0.9 * 2 = 2.8, the autoreset
     # step passes it through unchanged, the episode boundary stops it.
     vs = np.array([[1 + gamma * 2.8, 1 + gamma * 1.0], [2.8, 1.0], [2.8, 2.8], [2.8, 2.8]])
-    real = inp.mask.numpy() > 0
+    real = inp.mask.cpu().numpy() > 0
     expected_value_loss = 0.5 * ((vs - 2.0) ** 2)[real].mean()
     metrics = learner.step(batch)
     assert not metrics.skipped and metrics.samples == 6
@@ -406,5 +410,5 @@ def test_publish_cadence_and_payload():
     _, weights = published[-1]
     for key, value in snapshots[9].items():
         assert isinstance(weights[key], np.ndarray)
-        np.testing.assert_array_equal(weights[key], value.numpy())
+        np.testing.assert_array_equal(weights[key], value.cpu().numpy())
     assert not np.array_equal(weights["value_head.bias"], snapshots[10]["value_head.bias"])
