@@ -101,23 +101,25 @@ class LearnerConfig:
     torch_threads: int = _field(0, "torch intra-op threads; 0 leaves torch's default")
 
     def __post_init__(self) -> None:
+        # Messages are "field: what is allowed, got what", the form deploy/config.py maps to
+        # the full key (learner.lr) in its one-line error.
         def positive(name: str, allow_none: bool = False) -> None:
             value = getattr(self, name)
             if value is None and allow_none:
                 return
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 extra = " or None" if allow_none else ""
-                raise ValueError(f"{name} must be a positive number{extra}, got {value!r}")
+                raise ValueError(f"{name}: must be a positive number{extra}, got {value!r}")
 
         def at_least(name: str, low: int) -> None:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
 
         def one_of(name: str, allowed: tuple[str, ...]) -> None:
             if getattr(self, name) not in allowed:
                 raise ValueError(
-                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                    f"{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
 
         for name in ("lr", "adam_eps", "max_grad_norm", "checkpoint_every"):
@@ -130,13 +132,16 @@ class LearnerConfig:
         one_of("device", ("auto", "cpu", "cuda"))
         at_least("lr_decay_steps", 0)
         if self.lr_schedule == "linear" and self.lr_decay_steps < 1:
-            raise ValueError("lr_decay_steps must be >= 1 when lr_schedule is linear")
+            raise ValueError(
+                "lr_decay_steps: must be >= 1 when lr_schedule is linear (it is the number of "
+                "learner steps over which lr decays to 0)"
+            )
         if not (0.0 <= self.gamma <= 1.0):
-            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma!r}")
+            raise ValueError(f"gamma: must lie in [0, 1], got {self.gamma!r}")
         for name in ("value_coef", "entropy_coef"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
         for name in ("batch_size", "publish_every", "keep_checkpoints", "prefetch"):
             at_least(name, 1)
         at_least("max_nan_steps", 1)

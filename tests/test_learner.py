@@ -95,7 +95,7 @@ def prefetch_threads() -> list[threading.Thread]:
     ],
 )
 def test_config_errors_start_with_the_field_name(field, value):
-    with pytest.raises(ValueError, match=rf"^{field} "):
+    with pytest.raises(ValueError, match=rf"^{field}: "):
         LearnerConfig(**{field: value})
 
 
@@ -103,7 +103,7 @@ def test_config_fields_are_documented_and_clips_allow_none():
     for f in dataclasses.fields(LearnerConfig):
         assert f.metadata.get("doc"), f.name
     LearnerConfig(rho_clip=None, c_clip=None, pg_rho_clip=None)
-    with pytest.raises(ValueError, match=r"^lr_decay_steps"):
+    with pytest.raises(ValueError, match=r"^lr_decay_steps: "):
         LearnerConfig(lr_schedule="linear")
 
 
