@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def local_ray():
+    if ray.is_initialized():  # another module's cluster: use it, and leave it running
+        yield ray
+        return
     # Ray's workers inherit the raylet's environment: make the repository (and this module, for
     # the `Consumer` actor class) importable there without requiring an installed package.
     old = os.environ.get("PYTHONPATH")
