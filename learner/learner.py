@@ -203,7 +203,9 @@ class LossInputs(NamedTuple):
     mask: torch.Tensor  # float 1 for real steps, 0 for autoreset steps
 
 
-def loss_inputs(batch: TensorBatch, target_logp: torch.Tensor, values: torch.Tensor, gamma: float):
+def loss_inputs(
+    batch: TensorBatch, target_logp: torch.Tensor, values: torch.Tensor, gamma: float
+) -> LossInputs:
     """THE layout boundary between the trajectory schema and the estimators (STYLE item 8).
 
     Input: the schema's rows (`obs[t]` acted on at step t, `obs[T]` the bootstrap observation;
@@ -217,6 +219,8 @@ def loss_inputs(batch: TensorBatch, target_logp: torch.Tensor, values: torch.Ten
       importance product crosses an episode end.
     - Truncated steps bootstrap from their real final observation `obs[t + 1]` (Gymnasium's
       next-step autoreset puts it there): `rewards[t] += gamma * V(obs[t + 1])`, detached.
+      A step both terminated and truncated (a terminal state on the time limit's last step)
+      is terminal: no bootstrap.
     - Autoreset steps are not transitions: mask 0 in every loss, reward 0, log-rho 0 (rho = 1,
       so they neither weigh nor cut an importance product), and discount 1 rather than gamma,
       so the return of the episode that starts after them is not scaled by an extra gamma
@@ -228,7 +232,8 @@ def loss_inputs(batch: TensorBatch, target_logp: torch.Tensor, values: torch.Ten
     done = batch.terminated | batch.truncated
     discounts = torch.where(batch.autoreset, 1.0, gamma * (~done).float())
     rewards = torch.where(real, batch.rewards.float(), 0.0)
-    rewards = rewards + torch.where(batch.truncated, gamma * values[1:], 0.0)
+    bootstrap_here = batch.truncated & ~batch.terminated
+    rewards = rewards + torch.where(bootstrap_here, gamma * values[1:], 0.0)
     behaviour_logp = torch.where(real, batch.behaviour_logp.float(), target_logp)
     return LossInputs(
         rewards, discounts, values[:-1], values[-1], behaviour_logp, target_logp, real.float()

@@ -159,6 +159,19 @@ def test_truncation_fold_and_autoreset_mask_give_known_vtrace_targets():
     assert metrics.policy_loss == pytest.approx(-(adv[real] * LOG_HALF).mean(), rel=1e-5)
 
 
+def test_terminated_wins_over_truncated():
+    both = np.zeros((2, 1), bool)
+    both[0] = True
+    batch = make_batch(2, 1, rewards=np.ones((2, 1), np.float32), terminated=both, truncated=both)
+    learner = Learner(SPEC, LearnerConfig())
+    flatten_policy(learner, 3.0)
+    tb = to_tensors(batch, learner.device)
+    ev = learner.model.evaluate(tb.obs, tb.actions)
+    inp = loss_inputs(tb, ev.logp, ev.values, 0.9)
+    np.testing.assert_allclose(inp.rewards.cpu().numpy(), [[1.0], [0.0]])
+    np.testing.assert_allclose(inp.discounts.cpu().numpy(), [[0.0], [1.0]])
+
+
 def test_importance_metrics_and_policy_lag():
     learner = Learner(SPEC, LearnerConfig())
     flatten_policy(learner, 0.0)
