@@ -147,14 +147,27 @@ def _check_clip(name: str, value: float | None) -> None:
 # Kernels: unchecked, used once the inputs are known to be good.
 
 
+#: From this many steps on, CUDA solves recurrences with the log-depth scan: a loop over T costs
+#: T kernel launches, the log-depth scan ~4 * log2(T).
+_LOG_DEPTH_MIN_T = 16
+
+
 def _scan(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, *, reverse: bool) -> torch.Tensor:
     """Solve the linear recurrence `a_t = x_t + y_t * a_{t-1}` (or `a_{t+1}` when `reverse`).
 
-    `x, y` are `[T, B]`, `init [B]` is `a_{-1}` (or `a_T`). A loop over T, each step one fused
-    multiply-add over B written straight into the output: it performs the recurrence itself, so
-    it is as exact as the formula, and at T ~ 100 it beats a log-depth scan on CPU (that does
-    ~log2(T) passes over all T * B elements).
+    `x, y` are `[T, B]`, `init [B]` is `a_{-1}` (or `a_T`); returns `a [T, B]`. On CPU a loop
+    over T (`_scan_loop`), on CUDA a log-depth scan (`_scan_log_depth`) once T is long enough
+    for kernel launches to dominate.
     """
+    if x.is_cuda and x.shape[0] >= _LOG_DEPTH_MIN_T:
+        return _scan_log_depth(x, y, init, reverse=reverse)
+    return _scan_loop(x, y, init, reverse=reverse)
+
+
+def _scan_loop(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, *, reverse: bool):
+    """`_scan` as a loop over T, each step one fused multiply-add over B written straight into
+    the output. It performs the recurrence itself, and at T ~ 100 it beats the log-depth scan on
+    CPU (that one makes ~log2(T) passes over all T * B elements)."""
     out = torch.empty_like(x)
     # unbind: all row views in one call, cheaper than indexing x[t] three times per step.
     rows = list(zip(x.unbind(0), y.unbind(0), out.unbind(0), strict=True))
@@ -162,6 +175,25 @@ def _scan(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, *, reverse: bool
     for x_t, y_t, out_t in reversed(rows) if reverse else rows:
         acc = torch.addcmul(x_t, y_t, acc, out=out_t)
     return out
+
+
+def _scan_log_depth(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, *, reverse: bool):
+    """`_scan` in ceil(log2(T)) vectorised steps (Hillis-Steele).
+
+    After the step with offset k, `x_t` holds the recurrence's sum over the 2k steps ending at t
+    (or all of them, from `init`, when fewer) and `y_t` the product of their `y`: combining a
+    window with the one before it is `x_t += y_t * x_{t-k}`, `y_t *= y_{t-k}`.
+    """
+    if reverse:
+        x, y = x.flip(0), y.flip(0)
+    x = torch.cat([torch.addcmul(x[:1], y[:1], init), x[1:]])
+    k = 1
+    while k < x.shape[0]:
+        x = torch.cat([x[:k], torch.addcmul(x[k:], y[k:], x[:-k])])
+        if 2 * k < x.shape[0]:  # the last step's window products are never used
+            y = torch.cat([y[:k], y[k:] * y[:-k]])
+        k *= 2
+    return x.flip(0) if reverse else x
 
 
 class _Segments:

@@ -490,3 +490,18 @@ def test_vtrace_rejects_bad_input(override, name):
 def test_optimal_baseline_rejects_bad_input(returns, grad_sq_norms, name):
     with pytest.raises(ValueError, match=name):
         est.optimal_baseline(returns, grad_sq_norms)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("T", [1, 2, 3, 16, 37, 100])
+def test_log_depth_scan_matches_the_loop(T, reverse):
+    # CUDA runs the log-depth scan; it must solve the same recurrence as the loop CPU runs.
+    gen = torch.Generator().manual_seed(T)
+    x = torch.randn(T, 5, generator=gen, dtype=torch.float64)
+    y = torch.rand(T, 5, generator=gen, dtype=torch.float64)
+    y[y < 0.2] = 0.0
+    init = torch.randn(5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(
+        est._scan_log_depth(x, y, init, reverse=reverse),
+        est._scan_loop(x, y, init, reverse=reverse),
+    )
