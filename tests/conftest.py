@@ -1,0 +1,67 @@
+"""Shared fixtures. Append only: several test modules depend on what is here."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from replay.trajectory import Fragment
+
+_fragment_ids = itertools.count()
+
+
+def _make_fragment(
+    t: int = 4,
+    n: int = 2,
+    *,
+    obs_shape: tuple[int, ...] = (4,),
+    obs_dtype: str = "float32",
+    action_shape: tuple[int, ...] = (),
+    policy_version: int = 0,
+    actor_id: int = 0,
+    fragment_id: str | None = None,
+    seed: int = 0,
+) -> Fragment:
+    """A valid random fragment: discrete actions unless `action_shape`, episodes that end
+    inside it, and autoreset set exactly on the step after each end."""
+    rng = np.random.default_rng(seed)
+    if obs_dtype == "uint8":
+        obs = rng.integers(0, 256, (t + 1, n, *obs_shape), dtype=np.uint8)
+    else:
+        obs = rng.standard_normal((t + 1, n, *obs_shape)).astype(obs_dtype)
+    if action_shape:
+        actions = rng.standard_normal((t, n, *action_shape)).astype(np.float32)
+    else:
+        actions = rng.integers(0, 4, (t, n)).astype(np.int64)
+    terminated = np.zeros((t, n), bool)
+    truncated = np.zeros((t, n), bool)
+    autoreset = np.zeros((t, n), bool)
+    for step in range(t):
+        if step > 0:
+            autoreset[step] = terminated[step - 1] | truncated[step - 1]
+        free = ~autoreset[step]
+        terminated[step] = free & (rng.random(n) < 0.2)
+        truncated[step] = free & ~terminated[step] & (rng.random(n) < 0.1)
+    k = int((terminated | truncated).sum())
+    return Fragment(
+        obs=obs,
+        actions=actions,
+        rewards=rng.standard_normal((t, n)).astype(np.float32),
+        terminated=terminated,
+        truncated=truncated,
+        autoreset=autoreset,
+        behaviour_logp=-rng.random((t, n)).astype(np.float32),
+        policy_version=policy_version,
+        actor_id=actor_id,
+        fragment_id=fragment_id if fragment_id is not None else f"f{next(_fragment_ids)}",
+        episode_returns=rng.standard_normal(k).astype(np.float32),
+        episode_lengths=rng.integers(1, 500, k).astype(np.int32),
+    )
+
+
+@pytest.fixture(scope="session")
+def make_fragment():
+    """Factory of valid `replay.trajectory.Fragment`s: `make_fragment(t, n, obs_shape=...)`."""
+    return _make_fragment
