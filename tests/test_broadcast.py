@@ -68,7 +68,8 @@ class Consumer:
 def _plasma_objects() -> int:
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    # The address of *this* cluster: other Ray instances may run on the same machine.
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     match = re.search(r"Plasma memory usage \d+ MiB, (\d+) objects", text)
     assert match, text
     return int(match.group(1))
