@@ -1,0 +1,149 @@
+"""The `offpg` command line.
+
+Heavy imports (torch, Ray, Gymnasium) happen inside the command that needs them, so `offpg
+--help` and `offpg --version` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from deploy import __version__
+
+#: Named `offpg train` flags and the config key each one sets.
+TRAIN_FLAGS: dict[str, str] = {
+    "name": "run.name",
+    "env": "env.id",
+    "actors": "run.num_actors",
+    "max_env_steps": "run.max_env_steps",
+    "target_return": "run.target_return",
+    "logdir": "run.logdir",
+    "address": "run.address",
+    "resume": "run.resume",
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file (see deploy/configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set learner.lr=3e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offpg",
+        description="Distributed actor-learner RL: Ray actors act with stale policies, a learner "
+        "corrects for the staleness with importance weights (V-trace by default).",
+    )
+    parser.add_argument("--version", action="version", version=f"offpg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train on an embedded Ray (or --address); CartPole-v1 to 475 by default",
+        description="Train a policy. With no arguments: CartPole-v1 until the mean return of "
+        "the last 100 episodes reaches 475. Logs go to <logdir>/<name> for TensorBoard.",
+    )
+    _add_config_args(train)
+    train.add_argument("--name", help="run name (default: env id and time)")
+    train.add_argument("--env", help="Gymnasium id or package.module:callable")
+    train.add_argument("--actors", type=int, help="number of rollout actors")
+    train.add_argument("--max-env-steps", type=int, help="environment step budget")
+    train.add_argument(
+        "--target-return", help="stop at this mean return over 100 episodes ('none': never)"
+    )
+    train.add_argument("--logdir", help="parent directory of run directories (default runs/)")
+    train.add_argument("--address", help="Ray cluster address (default: embedded Ray)")
+    train.add_argument(
+        "--resume", action="store_true", default=None, help="continue the run named by --name"
+    )
+
+    show = sub.add_parser("config", help="print the resolved config as TOML, or every key")
+    _add_config_args(show)
+    show.add_argument("--keys", action="store_true", help="list every key, default and meaning")
+
+    tb = sub.add_parser("tensorboard", help="start TensorBoard on localhost for a run directory")
+    tb.add_argument("run_dir", nargs="?", default="runs", help="run or parent directory")
+    tb.add_argument("--port", type=int, default=6006)
+    return parser
+
+
+def _train_extra(args: argparse.Namespace) -> dict[str, object]:
+    extra: dict[str, object] = {}
+    for flag, key in TRAIN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if flag == "target_return":
+            value = None if str(value).lower() in ("none", "off", "") else _number(value)
+        extra[key] = value
+    return extra
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text  # the config check names the key and the problem
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command in ("train", "config"):
+        from deploy.config import ConfigError, die, field_docs, load_config
+
+        try:
+            extra = _train_extra(args) if args.command == "train" else {}
+            config = load_config(args.config, args.overrides, extra=extra)
+        except ConfigError as exc:
+            die(exc)
+        if args.command == "config":
+            if args.keys:
+                for key, default, doc in field_docs():
+                    print(f"{key:32} {default:>14}  {doc}")
+            else:
+                print(config.to_toml())
+            return 0
+        from deploy.job import train
+
+        try:
+            summary = train(config)
+        except ConfigError as exc:
+            die(exc)
+        return 0 if summary.ok else 1
+    if args.command == "tensorboard":
+        return _tensorboard(args.run_dir, args.port)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _tensorboard(run_dir: str, port: int) -> int:
+    from tensorboard import program
+
+    board = program.TensorBoard()
+    board.configure(argv=[None, "--logdir", run_dir, "--host", "127.0.0.1", "--port", str(port)])
+    url = board.launch()
+    print(f"TensorBoard at {url} (logdir {run_dir}); Ctrl-C stops it", flush=True)
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
