@@ -129,7 +129,8 @@ class Job:
         self.env_steps_base = 0  # steps of actors that were restarted or removed
         self.actor_steps: dict[int, int] = {}
         self.restarts = 0
-        self.env_errors = 0
+        self.actor_env_errors: dict[int, int] = {}
+        self.env_errors_base = 0
         self.pending: list[int] = []
         self.topology: topology.Topology | None = None
         self.version = 0
@@ -185,7 +186,7 @@ class Job:
             self._absorb(actor_id, final)
         except (ray.exceptions.RayError, TimeoutError):
             pass
-        self.env_steps_base += self.actor_steps.pop(actor_id, 0)
+        self._forget(actor_id)
         ray.kill(handle, no_restart=True)
 
     def _absorb(self, actor_id: int, stats: dict) -> None:
@@ -193,11 +194,20 @@ class Job:
         self.returns.extend(float(r) for r in stats["episode_returns"])
         self.lengths.extend(float(n) for n in stats["episode_lengths"])
         self.episodes += len(stats["episode_returns"])
-        self.env_errors = max(self.env_errors, 0) + int(stats.get("new_env_errors", 0))
+        self.actor_env_errors[actor_id] = int(stats["env_errors"])
 
     @property
     def env_steps(self) -> int:
         return self.env_steps_base + sum(self.actor_steps.values())
+
+    @property
+    def env_errors(self) -> int:
+        return self.env_errors_base + sum(self.actor_env_errors.values())
+
+    def _forget(self, actor_id: int) -> None:
+        """Move a removed actor's counters into the bases, so totals never go backwards."""
+        self.env_steps_base += self.actor_steps.pop(actor_id, 0)
+        self.env_errors_base += self.actor_env_errors.pop(actor_id, 0)
 
     def poll_actors(self) -> None:
         """Collect actor stats; restart actors that died; note the ones still pending."""
@@ -226,7 +236,7 @@ class Job:
         topo = self.topology
         old = topo.actors.pop(actor_id)
         ray.kill(old, no_restart=True)
-        self.env_steps_base += self.actor_steps.pop(actor_id, 0)
+        self._forget(actor_id)
         self.restarts += 1
         topo.actors[actor_id] = self._spawn(actor_id)
         self.pending.append(actor_id)
@@ -312,6 +322,7 @@ def train(config: JobConfig) -> RunSummary:
                     tags.ACTORS_COUNT: len(job.topology.actors) - len(job.pending),
                     tags.ACTORS_PENDING: len(job.pending),
                     tags.ACTORS_RESTARTS: job.restarts,
+                tags.ACTORS_ENV_ERRORS: job.env_errors,
                 },
                 summary,
             )
