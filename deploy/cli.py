@@ -73,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("tensorboard", help="start TensorBoard on localhost for a run directory")
     tb.add_argument("run_dir", nargs="?", default="runs", help="run or parent directory")
     tb.add_argument("--port", type=int, default=6006)
+
+    plot = sub.add_parser(
+        "plot",
+        help="learning curves from TensorBoard event files (line + band across seeds)",
+        description="Plain RUN_DIRs are seeds of one curve; each 'LABEL=GLOB' is a curve of its "
+        "own over the runs the glob matches (quote it). Line: mean across seeds of the "
+        "smoothed runs; band: lowest to highest seed.",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory or LABEL=GLOB")
+    plot.add_argument("--tag", default="episode/return_mean", help="scalar tag to plot")
+    plot.add_argument("--out", default="curves.png", help="PNG file to write")
+    plot.add_argument(
+        "--smooth", type=float, default=0.6, help="TensorBoard-style EMA weight in [0, 1)"
+    )
     return parser
 
 
@@ -125,8 +139,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if summary.ok else 1
     if args.command == "tensorboard":
         return _tensorboard(args.run_dir, args.port)
+    if args.command == "plot":
+        return _plot(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from deploy.plot import describe, plot_runs
+
+    try:
+        curves = plot_runs(args.runs, args.out, tag=args.tag, weight=args.smooth)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"offpg plot: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    for curve in curves:
+        print(describe(curve))
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _tensorboard(run_dir: str, port: int) -> int:
