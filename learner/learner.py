@@ -74,6 +74,12 @@ class LearnerConfig:
     lr_schedule: str = _field("constant", "constant, or linear decay to 0 over lr_decay_steps")
     lr_decay_steps: int = _field(0, "learner steps of the linear decay (required for linear)")
     gamma: float = _field(0.99, "discount factor")
+    reward_scale: float = _field(
+        1.0, "rewards are multiplied by this before the loss (values learn the scaled return)"
+    )
+    reward_clip: float | None = _field(
+        None, "rewards are clipped to [-reward_clip, reward_clip] after scaling (Atari: 1)"
+    )
     estimator: str = _field(
         "vtrace", f"policy-gradient weights: vtrace or one of {', '.join(ESTIMATORS)}"
     )
@@ -136,6 +142,8 @@ class LearnerConfig:
                 "lr_decay_steps: must be >= 1 when lr_schedule is linear (it is the number of "
                 "learner steps over which lr decays to 0)"
             )
+        positive("reward_scale")
+        positive("reward_clip", allow_none=True)
         if not (0.0 <= self.gamma <= 1.0):
             raise ValueError(f"gamma: must lie in [0, 1], got {self.gamma!r}")
         for name in ("value_coef", "entropy_coef"):
@@ -204,7 +212,12 @@ class LossInputs(NamedTuple):
 
 
 def loss_inputs(
-    batch: TensorBatch, target_logp: torch.Tensor, values: torch.Tensor, gamma: float
+    batch: TensorBatch,
+    target_logp: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    reward_scale: float = 1.0,
+    reward_clip: float | None = None,
 ) -> LossInputs:
     """THE layout boundary between the trajectory schema and the estimators (STYLE item 8).
 
@@ -231,7 +244,10 @@ def loss_inputs(
     real = ~batch.autoreset
     done = batch.terminated | batch.truncated
     discounts = torch.where(batch.autoreset, 1.0, gamma * (~done).float())
-    rewards = torch.where(real, batch.rewards.float(), 0.0)
+    rewards = batch.rewards.float() * reward_scale
+    if reward_clip is not None:
+        rewards = rewards.clamp(-reward_clip, reward_clip)
+    rewards = torch.where(real, rewards, 0.0)
     bootstrap_here = batch.truncated & ~batch.terminated
     rewards = rewards + torch.where(bootstrap_here, gamma * values[1:], 0.0)
     behaviour_logp = torch.where(real, batch.behaviour_logp.float(), target_logp)
@@ -318,7 +334,14 @@ class Learner:
         # The estimators reject NaN inputs with ValueError; a diverged network is instead a
         # skipped step, so they see finite stand-ins and the flag is checked with the loss.
         inputs_finite = torch.isfinite(ev.values).all() & torch.isfinite(ev.logp).all()
-        inp = loss_inputs(batch, torch.nan_to_num(ev.logp), torch.nan_to_num(ev.values), cfg.gamma)
+        inp = loss_inputs(
+            batch,
+            torch.nan_to_num(ev.logp),
+            torch.nan_to_num(ev.values),
+            cfg.gamma,
+            cfg.reward_scale,
+            cfg.reward_clip,
+        )
         vt = vtrace(
             inp.behaviour_logp,
             inp.target_logp,

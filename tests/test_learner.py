@@ -172,6 +172,18 @@ def test_terminated_wins_over_truncated():
     np.testing.assert_allclose(inp.discounts.cpu().numpy(), [[0.0], [1.0]])
 
 
+def test_reward_scale_then_clip_apply_to_real_steps_only():
+    rewards = np.array([[4.0], [-0.5], [30.0]], np.float32)
+    ended = np.zeros((3, 1), bool)
+    ended[1] = True  # step 2 is then an autoreset step: its junk reward must stay 0
+    batch = make_batch(3, 1, rewards=rewards, terminated=ended)
+    learner = Learner(SPEC, LearnerConfig())
+    tb = to_tensors(batch, learner.device)
+    ev = learner.model.evaluate(tb.obs, tb.actions)
+    inp = loss_inputs(tb, ev.logp, ev.values, 0.9, reward_scale=0.5, reward_clip=1.0)
+    np.testing.assert_allclose(inp.rewards.cpu().numpy(), [[1.0], [-0.25], [0.0]])
+
+
 def test_importance_metrics_and_policy_lag():
     learner = Learner(SPEC, LearnerConfig())
     flatten_policy(learner, 0.0)
