@@ -69,10 +69,32 @@ def _thread(target, name: str) -> threading.Thread:
     ],
 )
 def test_config_refuses_bad_settings_naming_the_field(kwargs, field):
-    kwargs.setdefault("max_times_sampled", 1 if kwargs.get("sampler", "fifo") == "fifo" else 0)
     with pytest.raises(ValueError) as info:
         ReplayConfig(**kwargs)
     assert str(info.value).startswith(field)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ReplayConfig(),
+        ReplayConfig.fifo_queue(),
+        ReplayConfig.uniform_replay(),
+        ReplayConfig.uniform_replay(samples_per_insert=8.0),
+        ReplayConfig.mixed_replay(),
+    ],
+    ids=["default", "fifo_queue", "uniform_replay", "uniform_ratio", "mixed_replay"],
+)
+def test_default_and_recipes_are_valid_and_serve_a_batch(config, fill):
+    service = ReplayService(config)
+    fill(service, 8)
+    batch = service.sample(4, learner_version=0, timeout=1.0)
+    assert batch is not None and len(batch.fragment_ids) == 4
+
+
+def test_fifo_with_a_ratio_above_one_would_deadlock():
+    with pytest.raises(ValueError, match="both sides would block"):
+        ReplayConfig.fifo_queue(samples_per_insert=2.0, tolerance=4.0)
 
 
 def test_deadlocking_tolerance_is_explained():
