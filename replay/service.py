@@ -23,8 +23,8 @@ Where a batch is stacked. `sample` stacks in the service and returns a `Batch`;
 `sample_fragments` returns the fragments and the caller stacks them (`Batch.stack`).
 `benchmarks/replay.py` measured both through Ray: for CartPole-sized fragments the stacked
 `Batch` crosses Ray a little faster (one pickle of 8 arrays instead of B x 9), but for
-Atari-sized ones stacking costs the service ~4 ms of GIL-holding copy per batch of 8 (vs ~30 us
-for `sample_fragments`), time in which no producer's insert runs. The service is the shared
+Atari-sized ones stacking costs the service ~4 ms of copying per batch of 8 (vs ~30 us for
+`sample_fragments`) and roughly halves the end-to-end sample rate. The service is the shared
 resource, so the Ray path should stack on the learner side, in its prefetch thread:
 `Batch.stack(ray.get(replay.sample_fragments.remote(b, v, timeout)))`. `sample` stays for
 in-process use and small observations.
