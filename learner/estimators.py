@@ -406,14 +406,15 @@ def vtrace(
     rho_clip: float | None = 1.0,
     c_clip: float | None = 1.0,
     pg_rho_clip: float | None = 1.0,
+    lambda_: float = 1.0,
 ) -> VTraceReturns:
-    """V-trace targets and policy-gradient advantages (IMPALA, Espeholt et al. 2018, lambda = 1).
+    """V-trace targets and policy-gradient advantages (IMPALA, Espeholt et al. 2018).
 
     With `rho_t = exp(target_logp_t - behaviour_logp_t)`, `V_t = values_t`, `V_T =
     bootstrap_value`::
 
       delta_t         = min(rho_clip, rho_t) * (r_t + discounts_t * V_{t+1} - V_t)
-      vs_t - V_t      = delta_t + discounts_t * min(c_clip, rho_t) * (vs_{t+1} - V_{t+1})
+      vs_t - V_t      = delta_t + discounts_t * lambda_ * min(c_clip, rho_t) * (vs_{t+1} - V_{t+1})
       pg_advantages_t = min(pg_rho_clip, rho_t) * (r_t + discounts_t * vs_{t+1} - V_t),
                         with vs_T = bootstrap_value
 
@@ -433,6 +434,9 @@ def vtrace(
       c_clip: the truncation `c_bar` of the trace coefficients; positive float or None.
       pg_rho_clip: the truncation of the importance weights in `pg_advantages`; positive float
         or None.
+      lambda_: float in [0, 1], the paper's remark-1 trace weight (`c_t = lambda *
+        min(c_clip, rho_t)`): 1 is the paper's default, 0 gives one-step TD targets; lower
+        values trade bias for variance like GAE's lambda.
 
     Returns:
       `VTraceReturns(vs, pg_advantages)`, both float `[T, B]` like `rewards`, detached.
@@ -443,6 +447,8 @@ def vtrace(
     """
     for name, clip in (("rho_clip", rho_clip), ("c_clip", c_clip), ("pg_rho_clip", pg_rho_clip)):
         _check_clip(name, clip)
+    if not 0.0 <= lambda_ <= 1.0:
+        raise ValueError(f"lambda_ must lie in [0, 1], got {lambda_!r}")
     steps = {
         "behaviour_logp": behaviour_logp,
         "target_logp": target_logp,
@@ -462,7 +468,7 @@ def vtrace(
         # Clip in log space: exp(min(log rho, log c)) == min(rho, c), without overflowing first.
         return (log_rho if clip is None else log_rho.clamp(max=math.log(clip))).exp()
 
-    rhos, cs, pg_rhos = clipped(rho_clip), clipped(c_clip), clipped(pg_rho_clip)
+    rhos, cs, pg_rhos = clipped(rho_clip), lambda_ * clipped(c_clip), clipped(pg_rho_clip)
     values_next = torch.cat([values[1:], bootstrap_value.unsqueeze(0)])
     deltas = rhos * (rewards + discounts * values_next - values)
     vs = values + _scan(deltas, discounts * cs, torch.zeros_like(bootstrap_value), reverse=True)

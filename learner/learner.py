@@ -77,6 +77,9 @@ class LearnerConfig:
     reward_scale: float = _field(
         1.0, "rewards are multiplied by this before the loss (values learn the scaled return)"
     )
+    normalize_advantages: bool = _field(
+        False, "standardise the policy-gradient weights over each batch (mean 0, std 1)"
+    )
     reward_clip: float | None = _field(
         None, "rewards are clipped to [-reward_clip, reward_clip] after scaling (Atari: 1)"
     )
@@ -91,6 +94,9 @@ class LearnerConfig:
     c_clip: float | None = _field(1.0, "V-trace c-bar (trace cutting); None: no clipping")
     pg_rho_clip: float | None = _field(
         1.0, "V-trace clip on the policy-gradient ratio; None: no clipping"
+    )
+    vtrace_lambda: float = _field(
+        1.0, "V-trace trace weight lambda in [0, 1] (1: the paper's default; lower: less variance)"
     )
     value_coef: float = _field(0.5, "weight of the value loss")
     entropy_coef: float = _field(0.01, "weight of the entropy bonus")
@@ -144,6 +150,8 @@ class LearnerConfig:
             )
         positive("reward_scale")
         positive("reward_clip", allow_none=True)
+        if not (0.0 <= self.vtrace_lambda <= 1.0):
+            raise ValueError(f"vtrace_lambda: must lie in [0, 1], got {self.vtrace_lambda!r}")
         if not (0.0 <= self.gamma <= 1.0):
             raise ValueError(f"gamma: must lie in [0, 1], got {self.gamma!r}")
         for name in ("value_coef", "entropy_coef"):
@@ -352,6 +360,7 @@ class Learner:
             rho_clip=cfg.rho_clip,
             c_clip=cfg.c_clip,
             pg_rho_clip=cfg.pg_rho_clip,
+            lambda_=cfg.vtrace_lambda,
         )
         if cfg.estimator == "vtrace":
             weights = vt.pg_advantages
@@ -368,6 +377,12 @@ class Learner:
             )
         mask = inp.mask
         n = mask.sum().clamp(min=1.0)
+        if cfg.normalize_advantages:
+            # Scale-free policy step (PPO's trick): the weights' masked mean and std over the
+            # batch; it matters for continuous control, whose returns vary over orders of size.
+            mean = (weights * mask).sum() / n
+            std = (((weights - mean) ** 2 * mask).sum() / n).sqrt()
+            weights = (weights - mean) / (std + 1e-8)
         policy_loss = -(weights * ev.logp * mask).sum() / n
         value_loss = 0.5 * ((vt.vs - ev.values[:-1]) ** 2 * mask).sum() / n
         entropy = (ev.entropy * mask).sum() / n

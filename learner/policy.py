@@ -265,6 +265,17 @@ class ActorCritic(nn.Module):
             self.log_std = nn.Parameter(torch.zeros(out))
         else:
             self.register_parameter("log_std", None)
+        # A bounded Box keeps the Gaussian's mean inside its bounds (tanh onto [low, high]).
+        # Unsquashed, the mean drifts past a bound where every sample clips to the same action,
+        # the advantages carry no signal about the mean, and it never comes back.
+        self._squash = spec.action_kind == "continuous" and spec.action_low is not None
+        if self._squash:
+            low = torch.tensor(spec.action_low, dtype=torch.float32)
+            high = torch.tensor(spec.action_high, dtype=torch.float32)
+            finite = torch.isfinite(low) & torch.isfinite(high)
+            self._squash = bool(finite.all())
+            self.register_buffer("_center", torch.where(finite, (high + low) / 2, 0.0), False)
+            self.register_buffer("_half_range", torch.where(finite, (high - low) / 2, 1.0), False)
 
     # -- shared forward ------------------------------------------------------------------------
 
@@ -290,6 +301,8 @@ class ActorCritic(nn.Module):
         # reach the learner's non-finite check (a skipped step) rather than raise here.
         if self.spec.action_kind == "discrete":
             return Categorical(logits=policy_out, validate_args=False)
+        if self._squash:
+            policy_out = self._center + self._half_range * torch.tanh(policy_out)
         log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
         return Normal(policy_out, log_std.exp().expand_as(policy_out), validate_args=False)
 

@@ -163,6 +163,30 @@ def test_pg_weights_matches_reference_on_any_episode_pattern(T, B, seed, end_rat
 # Relationships between the estimators.
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vtrace_lambda_zero_gives_one_step_targets_and_one_is_the_default(dtype):
+    batch = make_batch(12, 3, dtype, ends=True, seed=9)
+    args = (
+        batch["behaviour_logp"],
+        batch["target_logp"],
+        batch["rewards"],
+        batch["values"],
+        batch["bootstrap_value"],
+        batch["discounts"],
+    )
+    zero = est.vtrace(*args, lambda_=0.0)
+    rhos = (batch["target_logp"] - batch["behaviour_logp"]).exp().clamp(max=1.0)
+    values_next = torch.cat([batch["values"][1:], batch["bootstrap_value"][None]])
+    one_step = batch["values"] + rhos * (
+        batch["rewards"] + batch["discounts"] * values_next - batch["values"]
+    )
+    torch.testing.assert_close(zero.vs, one_step)
+    default, one = est.vtrace(*args), est.vtrace(*args, lambda_=1.0)
+    torch.testing.assert_close(default.vs, one.vs)
+    with pytest.raises(ValueError, match="lambda_"):
+        est.vtrace(*args, lambda_=1.5)
+
+
 @pytest.mark.parametrize("clip", [1.0, 2.0, None])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vtrace_on_policy_is_the_n_step_bootstrapped_return(dtype, clip):

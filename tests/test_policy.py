@@ -110,8 +110,8 @@ def test_gaussian_head_matches_manual_formula():
     obs = torch.randn(4, 3, 3)
     actions = torch.randn(3, 3, 2) * 3
     ev = policy.evaluate(obs, actions)
-    mean, _ = policy(obs.reshape(12, 3))
-    mean = mean.reshape(4, 3, 2)[:3]
+    raw, _ = policy(obs.reshape(12, 3))
+    mean = 2.0 * torch.tanh(raw.reshape(4, 3, 2)[:3])  # squashed onto the bounds [-2, 2]
     std = torch.tensor([-0.5, 0.3]).exp()
     manual = (
         -((actions - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
@@ -199,3 +199,19 @@ def test_load_mismatch_names_what_differs_and_leaves_module_unchanged():
         load_numpy_state_dict(small, weights)
     after = state_dict_to_numpy(other)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_gaussian_mean_stays_inside_a_bounded_box():
+    """The mean is squashed onto [low, high], so it cannot drift past a bound where every
+    sample would clip to the same action; unbounded boxes keep the raw mean."""
+    spec = PolicySpec((2,), "float32", "continuous", 1, (-0.5,), (1.5,))
+    policy = make_policy(spec)
+    with torch.no_grad():
+        policy.policy_head.bias.fill_(100.0)
+    mean = policy.distribution(policy(torch.zeros(3, 2))[0]).mean
+    assert torch.all(mean <= 1.5) and torch.all(mean > 1.49)
+    unbounded = make_policy(PolicySpec((2,), "float32", "continuous", 1, (-math.inf,), (math.inf,)))
+    with torch.no_grad():
+        unbounded.policy_head.bias.fill_(100.0)
+    raw = unbounded(torch.zeros(3, 2))[0]
+    torch.testing.assert_close(unbounded.distribution(raw).mean, raw)
