@@ -28,7 +28,7 @@ from gymnasium import spaces
 from actors.envs import EnvConfig, env_seeds, make_vec_env, seeded_reset
 from learner.policy import PolicySpec, load_numpy_state_dict, make_policy
 from replay.codec import encode
-from replay.trajectory import Fragment
+from replay.trajectory import Fragment, InvalidFragment
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ class ActorStats:
     weight_syncs: int  # times new weights were loaded
     max_lag_waits: int  # times the actor was over max_lag and had to fetch before acting
     env_errors: int  # env exceptions recovered from by rebuilding the vector env
+    invalid_fragments: int = 0  # fragments the codec refused (e.g. NaN rewards): dropped
 
 
 class _EnvFailure(Exception):
@@ -213,15 +214,6 @@ class RolloutActor:
             self._action_dtype = np.dtype(np.float32)
         n = actor_config.num_envs
         self._nonce = uuid.uuid4().hex[:8]
-        self._generation = 0
-        self._env = make_vec_env(env_config, actor_id=actor_id)
-        self._check_spaces()
-        # State carried from one fragment to the next.
-        self._obs = np.zeros((n, *spec.obs_shape), self._obs_dtype)
-        self._prev_done = np.zeros(n, bool)
-        self._ep_return = np.zeros(n, np.float64)
-        self._ep_length = np.zeros(n, np.int64)
-        self._reset_env()
         self._version = -1
         self._since_sync = 0
         self._stop: threading.Event | None = None
@@ -231,8 +223,23 @@ class RolloutActor:
         self._weight_syncs = 0
         self._max_lag_waits = 0
         self._env_errors = 0
+        self._invalid_fragments = 0
         self._new_returns: list[float] = []
         self._new_lengths: list[int] = []
+        # State carried from one fragment to the next.
+        self._obs = np.zeros((n, *spec.obs_shape), self._obs_dtype)
+        self._prev_done = np.zeros(n, bool)
+        self._ep_return = np.zeros(n, np.float64)
+        self._ep_length = np.zeros(n, np.int64)
+        self._generation = 0
+        self._env = make_vec_env(env_config, actor_id=actor_id)
+        self._check_spaces()
+        #: Set when the env failed (or produced data the codec refused): rebuild before stepping.
+        self._needs_rebuild = False
+        try:
+            self._reset_env()
+        except Exception as err:
+            self._env_failed(err)
         self._sync()
 
     # -- public API ------------------------------------------------------------------------------
@@ -247,24 +254,23 @@ class RolloutActor:
         failures = 0
         while True:
             try:
+                if self._needs_rebuild:
+                    self._rebuild_env()
                 fragment, returns, lengths = self._unroll()
                 break
             except _EnvFailure as err:
                 failures += 1
-                with self._lock:
-                    self._env_errors += 1
+                self._env_failed(err.__cause__)
                 if failures >= MAX_CONSECUTIVE_ENV_ERRORS:
                     raise RuntimeError(
                         f"actor {self.actor_id}: {failures} environment errors in a row"
                     ) from err.__cause__
-                log.warning(
-                    "actor %d: environment error, rebuilding the vector env and dropping the "
-                    "fragment and episodes in progress: %r",
-                    self.actor_id,
-                    err.__cause__,
-                )
-                self._rebuild_env()
-        self._sink.put(encode(fragment))
+        try:
+            data = encode(fragment)
+        except InvalidFragment as err:
+            self._drop_invalid(err)
+            return fragment
+        self._sink.put(data)
         self._since_sync += 1
         with self._lock:
             self._env_steps += fragment.rewards.size
@@ -272,6 +278,16 @@ class RolloutActor:
             self._new_returns.extend(returns)
             self._new_lengths.extend(lengths)
         return fragment
+
+    def _drop_invalid(self, err: InvalidFragment) -> None:
+        """Bad data from the env (a NaN reward, say) never reaches the learner and does not end
+        the actor: the fragment and the episodes that ended in it are dropped and counted, and
+        the env is rebuilt so no non-finite running return carries into the next fragment."""
+        log.warning("actor %d: dropping a fragment the codec refused: %s", self.actor_id, err)
+        self._since_sync += 1
+        self._needs_rebuild = True
+        with self._lock:
+            self._invalid_fragments += 1
 
     def run(self, stop: threading.Event) -> None:
         """Collect until `stop` is set, then flush the sink (every collected fragment is sent)."""
@@ -300,6 +316,7 @@ class RolloutActor:
                 weight_syncs=self._weight_syncs,
                 max_lag_waits=self._max_lag_waits,
                 env_errors=self._env_errors,
+                invalid_fragments=self._invalid_fragments,
             )
 
     def close(self) -> None:
@@ -373,19 +390,31 @@ class RolloutActor:
         self._ep_return[...] = 0.0
         self._ep_length[...] = 0
 
+    def _env_failed(self, err: BaseException | None) -> None:
+        self._needs_rebuild = True
+        with self._lock:
+            self._env_errors += 1
+        log.warning(
+            "actor %d: environment error, rebuilding the vector env and dropping the fragment "
+            "and episodes in progress: %r",
+            self.actor_id,
+            err,
+        )
+
     def _rebuild_env(self) -> None:
         """Replace a broken vector env by a fresh one with new (reproducible) seeds; the
-        episodes in progress are dropped."""
+        episodes in progress are dropped. Raises `_EnvFailure` if the new env fails too."""
         try:
             self._env.close()
         except Exception:  # a broken env may fail to close too; it is discarded either way
             log.debug("actor %d: closing the broken env failed", self.actor_id, exc_info=True)
         self._generation += 1
-        self._env = make_vec_env(self._env_config, actor_id=self.actor_id)
         try:
+            self._env = make_vec_env(self._env_config, actor_id=self.actor_id)
             self._reset_env()
         except Exception as err:
             raise _EnvFailure() from err
+        self._needs_rebuild = False
 
     def _check_spaces(self) -> None:
         obs_space, act_space = self._env.single_observation_space, self._env.single_action_space

@@ -23,8 +23,11 @@ CALLABLE_ID = "scripted_env:ScriptedEnv"
 class ScriptedEnv(gym.Env):
     """Terminates after `length` steps (plus `seed % 3` when `vary_length`); None: never."""
 
-    #: Test hook: the next this-many `step` calls, across all instances, raise RuntimeError.
+    #: Test hooks, shared by all instances: the next this-many `step` calls raise RuntimeError,
+    #: `reset` calls raise RuntimeError, `step` calls return a NaN reward.
     failures_left = 0
+    reset_failures_left = 0
+    nan_rewards_left = 0
 
     def __init__(
         self, length: int | None = 3, vary_length: bool = False, continuous: bool = False
@@ -50,6 +53,9 @@ class ScriptedEnv(gym.Env):
         return np.array([self._k, self._seed, self._last], np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        if ScriptedEnv.reset_failures_left > 0:
+            ScriptedEnv.reset_failures_left -= 1
+            raise RuntimeError("scripted env reset failure")
         super().reset(seed=seed)
         if seed is not None:
             self._seed = seed
@@ -65,7 +71,11 @@ class ScriptedEnv(gym.Env):
         self._last = float(np.asarray(action).reshape(-1)[0])
         length = self.episode_length
         terminated = length is not None and self._k >= length
-        return self._obs(), float(self._k), terminated, False, {}
+        reward = float(self._k)
+        if ScriptedEnv.nan_rewards_left > 0:
+            ScriptedEnv.nan_rewards_left -= 1
+            reward = float("nan")
+        return self._obs(), reward, terminated, False, {}
 
 
 if TRUNCATED_ID not in gym.registry:

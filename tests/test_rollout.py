@@ -22,15 +22,19 @@ from actors.rollout import (
     MemorySink,
     RolloutActor,
 )
-from learner.policy import PolicySpec, make_policy, state_dict_to_numpy
+from learner.policy import PolicySpec, load_numpy_state_dict, make_policy, state_dict_to_numpy
 from replay.codec import decode
+
+_HOOKS = ("failures_left", "reset_failures_left", "nan_rewards_left")
 
 
 @pytest.fixture(autouse=True)
 def _no_scripted_failures():
-    scripted_env.ScriptedEnv.failures_left = 0
+    for hook in _HOOKS:
+        setattr(scripted_env.ScriptedEnv, hook, 0)
     yield
-    scripted_env.ScriptedEnv.failures_left = 0
+    for hook in _HOOKS:
+        setattr(scripted_env.ScriptedEnv, hook, 0)
 
 
 def _spec(env_config: EnvConfig) -> PolicySpec:
@@ -179,23 +183,28 @@ def test_same_seed_and_weights_replay_the_same_fragments():
 
 
 def test_continuous_actions_are_stored_unclipped_and_clipped_for_the_env():
-    env_config = EnvConfig(
-        id=scripted_env.CALLABLE_ID, num_envs=2, kwargs={"length": None, "continuous": True}
-    )
-    spec = _spec(env_config)
+    env_kwargs = {"length": None, "continuous": True}
+    spec = _spec(EnvConfig(id=scripted_env.CALLABLE_ID, kwargs=env_kwargs))
+    weights = _weights(spec)
+    weights["log_std"] = np.full_like(weights["log_std"], math.log(5.0))  # wide: many outside
     actor, _ = _actor(
         scripted_env.CALLABLE_ID,
-        num_envs=2,
-        unroll_length=4,
-        env_kwargs={"length": None, "continuous": True},
-        weights=LocalWeights(_weights(spec, head_bias=[10.0])),  # mean 10, std 1
+        num_envs=4,
+        unroll_length=8,
+        env_kwargs=env_kwargs,
+        weights=LocalWeights(weights),
     )
     frag = actor.collect()
-    assert frag.actions.shape == (4, 2, 1) and frag.actions.dtype == np.float32
-    assert (frag.actions > 5).all()  # the Gaussian sample, far outside [-1, 1]
-    np.testing.assert_array_equal(frag.obs[1:, :, 2], 1.0)  # what the env received
-    expected = -0.5 * (frag.actions[..., 0] - 10.0) ** 2 - 0.5 * math.log(2 * math.pi)
-    np.testing.assert_allclose(frag.behaviour_logp, expected, rtol=1e-5, atol=1e-5)
+    assert frag.actions.shape == (8, 4, 1) and frag.actions.dtype == np.float32
+    assert (np.abs(frag.actions) > 1).any()  # the Gaussian sample, not clipped
+    # Column 2 of the scripted obs is the action the env received: the clipped one.
+    np.testing.assert_array_equal(frag.obs[1:, :, 2], np.clip(frag.actions[..., 0], -1, 1))
+    # The stored log-prob is the learner's log pi of the stored (unclipped) action.
+    learner_view = make_policy(spec)
+    load_numpy_state_dict(learner_view, weights)
+    with torch.no_grad():
+        logp = learner_view.evaluate(torch.as_tensor(frag.obs), torch.as_tensor(frag.actions)).logp
+    np.testing.assert_allclose(frag.behaviour_logp, logp.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_pong_fragment_has_uint8_frames():
@@ -360,6 +369,38 @@ def test_env_error_rebuilds_the_env_and_drops_broken_episodes():
     # Only whole episodes: the one cut short (return 1 so far) is not reported.
     assert stats.episode_returns == [6.0] * 4 and stats.episode_lengths == [3] * 4
     assert len(_decoded(sink)) == 2
+
+
+def test_reset_failures_at_start_and_during_a_rebuild_are_recovered():
+    env_config = EnvConfig(id=scripted_env.CALLABLE_ID, num_envs=2)
+    scripted_env.ScriptedEnv.reset_failures_left = 1
+    actor, sink = _actor(scripted_env.CALLABLE_ID, num_envs=2, unroll_length=4)
+    assert actor.stats().env_errors == 1
+    first = actor.collect()
+    assert first.obs[0, :, 1].tolist() == env_seeds(env_config, 0, generation=1)
+    # A step fails, then the rebuilt env's first reset fails too: two errors, one fragment.
+    scripted_env.ScriptedEnv.failures_left = 1
+    scripted_env.ScriptedEnv.reset_failures_left = 1
+    second = actor.collect()
+    assert second.obs[0, :, 1].tolist() == env_seeds(env_config, 0, generation=3)
+    assert second.obs[0, :, 0].tolist() == [0, 0] and not second.autoreset[0].any()
+    assert actor.stats().env_errors == 3
+    assert len(_decoded(sink)) == 2
+
+
+def test_a_fragment_the_codec_refuses_is_dropped_counted_and_the_env_rebuilt():
+    actor, sink = _actor(scripted_env.CALLABLE_ID, num_envs=2, unroll_length=4)
+    scripted_env.ScriptedEnv.nan_rewards_left = 1
+    actor.collect()
+    assert sink.items == []
+    stats = actor.stats()
+    assert stats.invalid_fragments == 1 and stats.fragments == 0
+    assert stats.episode_returns == []  # the NaN-poisoned episode is not reported
+    frag = actor.collect()
+    assert frag.obs[0, :, 0].tolist() == [0, 0]  # a fresh env, no NaN return carried over
+    assert frag.rewards[:, 0].tolist() == [1, 2, 3, 0]
+    assert actor.stats().episode_returns == [6.0, 6.0]
+    assert [f.fragment_id for f in _decoded(sink)] == [frag.fragment_id]
 
 
 def test_an_env_that_keeps_failing_raises():
