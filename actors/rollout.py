@@ -249,7 +249,10 @@ class RolloutActor:
         return self._version
 
     def collect(self) -> Fragment:
-        """Play one fragment, send it to the sink, and return it."""
+        """Play one fragment, send it to the sink, and return it.
+
+        An env that raises is rebuilt and the fragment restarted (`env_errors`); a fragment the
+        codec refuses (a NaN reward, say) is returned but not sent (`invalid_fragments`)."""
         self._before_fragment()
         failures = 0
         while True:
