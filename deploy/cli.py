@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(show)
     show.add_argument("--keys", action="store_true", help="list every key, default and meaning")
 
+    _add_cluster_parsers(sub)
+
     tb = sub.add_parser("tensorboard", help="start TensorBoard on localhost for a run directory")
     tb.add_argument("run_dir", nargs="?", default="runs", help="run or parent directory")
     tb.add_argument("--port", type=int, default=6006)
@@ -88,6 +90,87 @@ def build_parser() -> argparse.ArgumentParser:
         "--smooth", type=float, default=0.6, help="TensorBoard-style EMA weight in [0, 1)"
     )
     return parser
+
+
+_ADDRESS_HELP = (
+    "the cluster: dashboard URL http://HEAD:8265 (relayed as a short job), GCS HEAD:6379 or "
+    "ray://HEAD:10001 (direct); default $RAY_ADDRESS, else the Ray cluster on this machine"
+)
+
+
+def _add_cluster_parsers(sub: argparse._SubParsersAction) -> None:
+    launch = sub.add_parser(
+        "launch",
+        help="submit the training job to a Ray cluster (Ray Jobs API)",
+        description="Validate the config here, then submit `offpg train` to the cluster with "
+        "the project directory as the job's working_dir. Prints the run name and job id.",
+    )
+    _add_config_args(launch)
+    launch.add_argument(
+        "--address",
+        help="dashboard URL, e.g. http://HEAD:8265 (default $RAY_ADDRESS, else local)",
+    )
+    launch.add_argument("--name", help="run name (default: env id and time)")
+    launch.add_argument(
+        "--working-dir",
+        help="directory uploaded as the job's working_dir (default: this offpg checkout)",
+    )
+    launch.add_argument(
+        "--pip",
+        action="append",
+        default=[],
+        metavar="REQ",
+        help="pip requirement installed into the job's runtime env (repeatable)",
+    )
+    launch.add_argument("--wait", action="store_true", help="stream the logs until the job ends")
+
+    logs = sub.add_parser("logs", help="print (or --follow) the logs of a launched run")
+    logs.add_argument("run")
+    logs.add_argument("--address", help="dashboard URL (default $RAY_ADDRESS, else local)")
+    logs.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+
+    scale = sub.add_parser("scale", help="change the number of rollout actors of a running run")
+    scale.add_argument("run")
+    scale.add_argument("--actors", type=int, required=True, help="rollout actors wanted")
+    scale.add_argument("--address", help=_ADDRESS_HELP)
+
+    status = sub.add_parser("status", help="actors, steps, learner, replay of a running run")
+    status.add_argument("run")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.add_argument("--address", help=_ADDRESS_HELP)
+
+    stop = sub.add_parser(
+        "stop", help="stop a running run gracefully (final checkpoint, flushed logs)"
+    )
+    stop.add_argument("run")
+    stop.add_argument("--no-wait", action="store_true", help="return once the stop is asked")
+    stop.add_argument("--address", help=_ADDRESS_HELP)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from deploy.config import ConfigError, die, load_config
+
+    extra: dict[str, object] = {"run.name": args.name} if args.name else {}
+    try:
+        config = load_config(args.config, args.overrides, extra=extra)
+    except ConfigError as exc:
+        die(exc)
+    from deploy import launch
+    from deploy.job import run_name
+
+    # The job finds its cluster in RAY_ADDRESS; a name fixed here is what `offpg scale` uses.
+    config = dataclasses.replace(
+        config, run=dataclasses.replace(config.run, name=run_name(config), address="")
+    )
+    return launch.launch(
+        config,
+        address=args.address,
+        working_dir=args.working_dir,
+        pip=args.pip,
+        wait=args.wait,
+    )
 
 
 def _train_extra(args: argparse.Namespace) -> dict[str, object]:
@@ -137,6 +220,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             die(exc)
         return 0 if summary.ok else 1
+    if args.command == "launch":
+        return _launch(args)
+    if args.command == "logs":
+        from deploy import launch
+
+        return launch.logs(args.run, address=args.address, follow_logs=args.follow)
+    if args.command in ("scale", "status", "stop"):
+        from deploy import control
+
+        return control.run_command(args.command, args)
     if args.command == "tensorboard":
         return _tensorboard(args.run_dir, args.port)
     if args.command == "plot":

@@ -318,6 +318,19 @@ def dumps_toml(tree: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def override_args(config: JobConfig) -> list[str]:
+    """`section.key=value` for every key of `config` that differs from the defaults: what
+    `load_config(None, override_args(c))` turns back into `c` (how `offpg launch` ships a
+    config to the cluster without its file)."""
+    defaults = JobConfig().to_dict()
+    return [
+        f"{section}.{key}={_toml_value(value)}"
+        for section, values in config.to_dict().items()
+        for key, value in values.items()
+        if value != defaults[section][key]
+    ]
+
+
 def _toml_value(value: Any) -> str:
     if value is None:
         return '"none"'

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,20 @@ from actors.envs import probe_spaces
 from deploy import metrics as tags
 from deploy import topology
 from deploy.config import ConfigError, JobConfig
+from deploy.controller import Orders
 from learner.policy import PolicySpec
 
 #: Episodes the target return is averaged over (CartPole-v1's "solved" definition).
 RETURN_WINDOW = 100
 #: Seconds to wait for actors to start before saying they are pending, and why.
 PENDING_NOTICE_S = 10.0
+#: Seconds a pending actor (maybe never scheduled) gets to stop before it is killed.
+PENDING_STOP_S = 2.0
+#: Seconds between replay snapshots when `replay.snapshot_every` is 0: a restarted replay
+#: service (or a resumed run) loses at most this much of the actors' output.
+SNAPSHOT_EVERY_S = 15.0
+#: Seconds the learner may stay unreachable (Ray restarting it) before the run fails.
+LEARNER_RESTART_TIMEOUT_S = 180.0
 
 
 @dataclasses.dataclass
@@ -51,6 +61,9 @@ class RunSummary:
     checkpoint: str | None
     actor_restarts: int
     ok: bool = True
+    replay_restarts: int = 0
+    learner_restarts: int = 0
+    lost_fragments: int = 0
 
     def line(self) -> str:
         solved = (
@@ -62,7 +75,16 @@ class RunSummary:
             f"offpg: {self.stop_reason}: {self.env_steps:,} env steps in {self.wall_s:.1f} s "
             f"({self.env_steps / max(self.wall_s, 1e-9):,.0f}/s), learner v{self.learner_version}"
             f", mean return {self.return_mean:.1f} over {min(self.episodes, RETURN_WINDOW)} "
-            f"episodes, {solved}; logs in {self.run_dir}"
+            f"episodes, {solved}; logs in {self.run_dir}" + self._faults()
+        )
+
+    def _faults(self) -> str:
+        if not (self.actor_restarts or self.replay_restarts or self.learner_restarts):
+            return ""
+        return (
+            f"; recovered from {self.actor_restarts} actor, {self.replay_restarts} replay "
+            f"({self.lost_fragments} fragments lost) and {self.learner_restarts} learner "
+            "restart(s)"
         )
 
 
@@ -134,6 +156,24 @@ class Job:
         self.pending: list[int] = []
         self.topology: topology.Topology | None = None
         self.version = 0
+        self.controller: Any = None  # the run's named controller (deploy.controller)
+        self.placement: dict[str, Any] = {}
+        self.actor_nodes: dict[int, str] = {}
+        # Faults recovered. `inserted` is what the actors were told was inserted (acknowledged);
+        # against the replay service's own `inserted` counter (restored from its snapshot when
+        # Ray restarts it) it gives the fragments a restart lost, see `check_replay`.
+        self.actor_inserted: dict[int, int] = {}
+        self.actor_invalid: dict[int, int] = {}
+        self.inserted_base = 0
+        self.invalid_base = 0
+        self.replay_restarts = 0
+        self.lost_fragments = 0
+        self.learner_restarts = 0
+        self._replay_incarnation: str | None = None
+        self._lost_baseline = 0
+        self._learner_down_since: float | None = None
+        self.learner_restores: list[tuple[int | None, int]] = []  # (checkpoint, new version)
+        self.actor_versions: dict[int, int] = {}  # policy version each actor acts with
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -141,27 +181,54 @@ class Job:
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(cfg.to_toml())
+        try:
+            self.controller = topology.start_controller(self.name, cfg.run.num_actors)
+        except ValueError:
+            raise ConfigError("run.name", f"a run named {self.name!r} is already running") from None
         # The replay service snapshots into the run directory (periodically when
         # replay.snapshot_every is set, and at the end); a resumed run restores from there.
-        replay_cfg = dataclasses.replace(cfg.replay, snapshot_path=str(self.snapshot_path))
-        replay = topology.start_replay(replay_cfg)
-        store = topology.start_store()
-        learner = topology.start_learner(
-            self.spec, cfg.learner, str(self.checkpoint_dir), replay, store, cfg.run.resume
+        replay_cfg = dataclasses.replace(
+            cfg.replay,
+            snapshot_path=str(self.snapshot_path),
+            snapshot_every=cfg.replay.snapshot_every or SNAPSHOT_EVERY_S,
         )
+        store = topology.start_store()
+        # The learner is placed first (on a GPU node when it wants one), the replay service
+        # next to it, so batches never cross the network.
+        learner = topology.start_learner(
+            self.spec, cfg.learner, str(self.checkpoint_dir), None, store, cfg.run.resume
+        )
+        learner_node = ray.get(learner.node_id.remote(), timeout=topology.CALL_TIMEOUT * 5)
+        replay = topology.start_replay(replay_cfg, node_id=learner_node)
+        # Waited for: the learner is a threaded actor, so calls to it are not ordered.
+        ray.get(learner.attach_replay.remote(replay), timeout=topology.CALL_TIMEOUT)
         info = ray.get(learner.start.remote(), timeout=topology.CALL_TIMEOUT * 5)
+        self.placement = {
+            "learner_node": learner_node,
+            "replay_node": ray.get(replay.node_id.remote(), timeout=topology.CALL_TIMEOUT),
+        }
         self.version = info["version"]
         if info["restored"] is not None:
             self.env_steps_base = int(info["counters"].get("env_steps", 0))
         self.topology = topology.Topology(replay, store, learner, {}, info["device"])
+        replay_stats = ray.get(replay.stats.remote(), timeout=topology.CALL_TIMEOUT)
+        self.check_replay(replay_stats)
+        if replay_stats["restored_fragments"] or replay_stats["restore_error"]:
+            print(
+                f"offpg: replay service restored {replay_stats['restored_fragments']} fragments "
+                f"from {self.snapshot_path}"
+                + (f" ({replay_stats['restore_error']})" if replay_stats["restore_error"] else ""),
+                flush=True,
+            )
         self.scale(cfg.run.num_actors)
 
     def scale(self, num_actors: int) -> None:
         """Grow or shrink the actor fleet; removed actors send their last fragment first."""
         topo = self.topology
         assert topo is not None
-        while len(topo.actors) > num_actors:
-            actor_id = max(topo.actors)
+        # Pending actors (never scheduled, or not yet answering) go first, newest first.
+        victims = sorted(topo.actors, key=lambda a: (a in self.pending, a), reverse=True)
+        for actor_id in victims[: max(len(topo.actors) - num_actors, 0)]:
             self._retire(actor_id, topo.actors.pop(actor_id))
         new = {}
         next_id = max([*topo.actors, *self.actor_steps, -1]) + 1
@@ -181,11 +248,18 @@ class Job:
         return handle
 
     def _retire(self, actor_id: int, handle: Any) -> None:
+        # A pending actor may never have been scheduled: it holds no data, so it does not get
+        # the full timeout to answer (that would stall the driver for every one of them).
+        pending = actor_id in self.pending
+        timeout = PENDING_STOP_S if pending else topology.CALL_TIMEOUT
         try:
-            final = ray.get(handle.stop.remote(), timeout=topology.CALL_TIMEOUT)
+            final = ray.get(handle.stop.remote(), timeout=timeout)
             self._absorb(actor_id, final)
         except (ray.exceptions.RayError, TimeoutError):
             pass
+        if pending:
+            self.pending.remove(actor_id)
+        self.actor_nodes.pop(actor_id, None)
         self._forget(actor_id)
         ray.kill(handle, no_restart=True)
 
@@ -195,6 +269,9 @@ class Job:
         self.lengths.extend(float(n) for n in stats["episode_lengths"])
         self.episodes += len(stats["episode_returns"])
         self.actor_env_errors[actor_id] = int(stats["env_errors"])
+        self.actor_inserted[actor_id] = int(stats.get("inserted", 0))
+        self.actor_invalid[actor_id] = int(stats.get("invalid_fragments", 0))
+        self.actor_versions[actor_id] = int(stats["policy_version"])
 
     @property
     def env_steps(self) -> int:
@@ -204,15 +281,29 @@ class Job:
     def env_errors(self) -> int:
         return self.env_errors_base + sum(self.actor_env_errors.values())
 
+    @property
+    def inserted(self) -> int:
+        """Fragments the replay service acknowledged to this driver's actors."""
+        return self.inserted_base + sum(self.actor_inserted.values())
+
+    @property
+    def invalid_fragments(self) -> int:
+        return self.invalid_base + sum(self.actor_invalid.values())
+
     def _forget(self, actor_id: int) -> None:
         """Move a removed actor's counters into the bases, so totals never go backwards."""
         self.env_steps_base += self.actor_steps.pop(actor_id, 0)
         self.env_errors_base += self.actor_env_errors.pop(actor_id, 0)
+        self.inserted_base += self.actor_inserted.pop(actor_id, 0)
+        self.invalid_base += self.actor_invalid.pop(actor_id, 0)
+        self.actor_versions.pop(actor_id, None)
 
     def poll_actors(self) -> None:
         """Collect actor stats; restart actors that died; note the ones still pending."""
         topo = self.topology
         refs = {actor_id: h.stats.remote() for actor_id, h in topo.actors.items()}
+        # One short wait for all of them, so many pending actors cost 0.5 s, not 0.5 s each.
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=0.5)
         for actor_id, ref in refs.items():
             try:
                 ready, _ = ray.wait([ref], timeout=0.5 if actor_id in self.pending else 10.0)
@@ -225,6 +316,7 @@ class Job:
             if actor_id in self.pending:
                 self.pending.remove(actor_id)
             self._absorb(actor_id, stats)
+            self.actor_nodes[actor_id] = stats.get("node_id", "")
             if not stats["alive"]:
                 print(
                     f"\noffpg: actor {actor_id} stopped: {stats['error']}; restarting",
@@ -241,27 +333,185 @@ class Job:
         topo.actors[actor_id] = self._spawn(actor_id)
         self.pending.append(actor_id)
 
+    def check_replay(self, stats: dict[str, Any]) -> None:
+        """Count a restart of the replay service (a new `incarnation`) and what it lost.
+
+        Lost fragments are the acknowledged inserts the restarted service has no record of:
+        its `inserted` counter comes back from the snapshot, so everything inserted after the
+        last snapshot and before the crash is missing from it (whether or not the learner had
+        already sampled it). The offset `acknowledged - inserted` is steady while nothing is lost
+        (it moves only by inserts in flight and by acks of killed actors not yet reported), so
+        the loss of a restart is how much the offset grew across the poll that saw it; exact
+        up to the inserts in flight then (at most actors x `actors.max_inflight`).
+        """
+        offset = self.inserted - int(stats["inserted"])
+        if (
+            self._replay_incarnation is not None
+            and stats["incarnation"] != self._replay_incarnation
+        ):
+            lost = max(0, offset - self._lost_baseline)
+            self.replay_restarts += 1
+            self.lost_fragments += lost
+            error = f"; {stats['restore_error']}" if stats.get("restore_error") else ""
+            print(
+                f"\noffpg: replay service restarted ({self.replay_restarts}): restored "
+                f"{stats['restored_fragments']} fragments from its snapshot, {lost} acknowledged "
+                f"fragment(s) lost{error}",
+                file=sys.stderr,
+            )
+        self._replay_incarnation = stats["incarnation"]
+        self._lost_baseline = offset
+
+    def drain_learner(self) -> dict[str, Any] | None:
+        """The learner's metrics since the last call; None while Ray restarts its process.
+
+        A restarted learner has restored its newest checkpoint (see `topology.LearnerWorker`);
+        here it gets the replay service again and starts stepping, and the restart is counted.
+        Raises RuntimeError when it stays unreachable for `LEARNER_RESTART_TIMEOUT_S`.
+        """
+        topo = self.topology
+        try:
+            out = ray.get(
+                topo.learner.drain.remote({"env_steps": self.env_steps}),
+                timeout=topology.CALL_TIMEOUT,
+            )
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            now = time.monotonic()
+            if self._learner_down_since is None:
+                self._learner_down_since = now
+                print(f"\noffpg: learner unreachable, Ray restarts it: {exc}", file=sys.stderr)
+            elif now - self._learner_down_since > LEARNER_RESTART_TIMEOUT_S:
+                raise RuntimeError(
+                    f"the learner has been unreachable for {LEARNER_RESTART_TIMEOUT_S:g} s: {exc}"
+                ) from exc
+            return None
+        if not out["started"]:
+            ray.get(topo.learner.attach_replay.remote(topo.replay), timeout=topology.CALL_TIMEOUT)
+            info = ray.get(topo.learner.start.remote(), timeout=topology.CALL_TIMEOUT * 5)
+            self.learner_restarts += 1
+            self.learner_restores.append((info["restored"], info["version"]))
+            print(
+                f"\noffpg: learner restarted ({self.learner_restarts}) from checkpoint version "
+                f"{info['restored']}, continuing as v{info['version']}",
+                file=sys.stderr,
+            )
+            out["version"] = info["version"]
+        self._learner_down_since = None
+        return out
+
+    def publish(self, status: dict[str, Any]) -> Orders | None:
+        """Publish this poll's status to the run's controller; return what the user asked for
+        (None when the controller cannot be reached: the run goes on as it was)."""
+        try:
+            return ray.get(self.controller.publish.remote(status), timeout=topology.CALL_TIMEOUT)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            print(f"\noffpg: controller unreachable: {exc}", file=sys.stderr)
+            return None
+
+    def status(self, **interval: Any) -> dict[str, Any]:
+        """What `offpg status` shows: the job's counters plus this poll's `interval` values."""
+        topo = self.topology
+        nodes = collections.Counter(self.actor_nodes.values())
+        return {
+            "run": self.name,
+            "state": "running",
+            "env_id": self.config.env.id,
+            "actors": {
+                "running": len(topo.actors) - len(self.pending),
+                "pending": len(self.pending),
+                "restarted": self.restarts,
+                "ids": sorted(topo.actors),
+                "pending_ids": sorted(self.pending),
+                "num_cpus_each": self.config.actors.num_cpus,
+                "num_envs_each": self.config.actors.num_envs,
+                "by_node": dict(nodes),
+            },
+            "env_steps": self.env_steps,
+            "env_errors": self.env_errors,
+            "episodes": self.episodes,
+            "learner": {"version": self.version, "device": topo.learner_device},
+            "placement": self.placement,
+            "cluster": {
+                "cpus_free": ray.available_resources().get("CPU", 0.0),
+                "cpus_total": ray.cluster_resources().get("CPU", 0.0),
+            },
+            "run_dir": str(self.run_dir.resolve()),
+            "tensorboard": f"offpg tensorboard {self.run_dir.resolve()}",
+            "updated_at": time.time(),
+            **interval,
+        }
+
     def stop(self) -> dict:
         """Stop actors (last fragments sent), then the learner (final checkpoint), snapshot."""
         topo = self.topology
         for actor_id in sorted(topo.actors):
             self._retire(actor_id, topo.actors.pop(actor_id))
-        final = ray.get(
-            topo.learner.stop.remote({"env_steps": self.env_steps}),
-            timeout=topology.CALL_TIMEOUT * 2,
-        )
+        try:
+            final = ray.get(
+                topo.learner.stop.remote({"env_steps": self.env_steps}),
+                timeout=topology.CALL_TIMEOUT * 2,
+            )
+        except ray.exceptions.RayActorError:
+            # Killed just now: Ray restarts it from its checkpoint; that one writes the last.
+            final = ray.get(
+                topo.learner.stop.remote({"env_steps": self.env_steps}),
+                timeout=topology.CALL_TIMEOUT * 2,
+            )
         ray.get(topo.replay.snapshot.remote(str(self.snapshot_path)), timeout=topology.CALL_TIMEOUT)
         return final
 
 
-def train(config: JobConfig) -> RunSummary:
-    """Run a training job to its budget, its target or Ctrl-C; see the module docstring."""
+def _replay_status(now: dict, before: dict | None, seconds: float) -> dict[str, Any]:
+    """Replay size and insert/sample rates (per second) since the last poll."""
+    rates = {}
+    for key in ("inserted", "sampled", "evicted", "dropped_stale"):
+        if before is not None and seconds > 0:
+            rates[f"{key}_per_s"] = (now[key] - before[key]) / seconds
+    return {
+        "size_fragments": now["size_fragments"],
+        "size_bytes": now["size_bytes"],
+        "inserted": now["inserted"],
+        "sampled": now["sampled"],
+        "rejected": sum(now["rejected"].values()),
+        **rates,
+    }
+
+
+def _finish_controller(job: Job, reason: str, final: dict) -> None:
+    """Tell whoever waits in `offpg stop` how the run ended, then end the controller."""
+    status = {
+        "run": job.name,
+        "state": "stopped",
+        "stop_reason": reason,
+        "env_steps": job.env_steps,
+        "learner": {"version": int(final.get("version", job.version))},
+        "last_checkpoint": final.get("checkpoint"),
+        "run_dir": str(job.run_dir.resolve()),
+    }
+    try:
+        ray.get(job.controller.publish.remote(status), timeout=5.0)
+        # Give `offpg stop` (blocked in wait_stopped) a moment to receive its answer.
+        time.sleep(0.5)
+    except (ray.exceptions.RayError, TimeoutError):
+        pass
+    ray.kill(job.controller, no_restart=True)
+
+
+def train(config: JobConfig, on_poll: Callable[[Job], bool | None] | None = None) -> RunSummary:
+    """Run a training job to its budget, its target or Ctrl-C; see the module docstring.
+
+    `on_poll(job)`, when given, runs after every poll (fault-injection tests and
+    `benchmarks/chaos.py` kill components from it); a true result stops the run.
+    """
     job = Job(config)
     # A Ray this process already runs (a notebook, a test session) is used as it is and left
     # running; otherwise the job starts (or connects to) its own and shuts it down at the end.
     owns_ray = not ray.is_initialized()
-    if owns_ray and config.run.address:
-        ray.init(address=config.run.address, log_to_driver=True)
+    # A job submitted to a cluster (`offpg launch`, `ray job submit`, a KubeRay RayJob) finds
+    # the cluster in RAY_ADDRESS.
+    address = config.run.address or os.environ.get("RAY_ADDRESS", "")
+    if owns_ray and address:
+        ray.init(address=address, log_to_driver=True)
     elif owns_ray:
         ray.init(num_cpus=ray_cpus(config), include_dashboard=False, log_to_driver=True)
     writer = None
@@ -284,54 +534,92 @@ def train(config: JobConfig) -> RunSummary:
         )
         last_steps = job.env_steps
         pending_since = time.monotonic()
+        last_replay, last_time_replay = None, time.monotonic()
+        last_written = -1
         while True:
             time.sleep(config.run.log_every)
             job.poll_actors()
-            learner = ray.get(
-                job.topology.learner.drain.remote({"env_steps": job.env_steps}),
-                timeout=topology.CALL_TIMEOUT,
-            )
+            learner = job.drain_learner()
+            if learner is None:  # being restarted by Ray
+                continue
             if learner["error"]:
                 reason, ok = f"learner failed: {learner['error']}", False
                 break
             job.version = learner["version"]
             replay = ray.get(job.topology.replay.stats.remote(), timeout=topology.CALL_TIMEOUT)
+            job.check_replay(replay)
             now = time.monotonic()
             steps = job.env_steps
             rate = (steps - last_steps) / max(now - last_time, 1e-9)
             last_steps, last_time = steps, now
             summary = tags.summarise_steps(learner["steps"])
             mean_return = sum(job.returns) / len(job.returns) if job.returns else float("nan")
-            writer.write(
-                steps,
-                {
-                    tags.EPISODE_RETURN: mean_return,
-                    tags.EPISODE_LENGTH: (
-                        sum(job.lengths) / len(job.lengths) if job.lengths else float("nan")
-                    ),
-                    tags.ENV_STEPS_PER_S: rate,
-                    tags.LEARNER_SAMPLES_PER_S: summary.samples / config.run.log_every,
-                    tags.LEARNER_VERSION: job.version,
-                    tags.SKIPPED_STEPS: summary.skipped,
-                    tags.REPLAY_SIZE: replay["size_fragments"],
-                    tags.REPLAY_INSERTED: replay["inserted"],
-                    tags.REPLAY_SAMPLED: replay["sampled"],
-                    tags.REPLAY_EVICTED: replay["evicted"],
-                    tags.REPLAY_REJECTED: sum(replay["rejected"].values()),
-                    tags.REPLAY_STALE: replay["dropped_stale"],
-                    tags.ACTORS_COUNT: len(job.topology.actors) - len(job.pending),
-                    tags.ACTORS_PENDING: len(job.pending),
-                    tags.ACTORS_RESTARTS: job.restarts,
-                tags.ACTORS_ENV_ERRORS: job.env_errors,
-                },
-                summary,
-            )
+            # One point per env step at most: while the actors stall (a replay restart blocks
+            # their inserts) the x-axis does not move, and a second point there would duplicate.
+            write = steps > last_written
+            last_written = max(last_written, steps)
+            if write:
+                writer.write(
+                    steps,
+                    {
+                        tags.EPISODE_RETURN: mean_return,
+                        tags.EPISODE_LENGTH: (
+                            sum(job.lengths) / len(job.lengths) if job.lengths else float("nan")
+                        ),
+                        tags.ENV_STEPS_PER_S: rate,
+                        tags.LEARNER_SAMPLES_PER_S: summary.samples / config.run.log_every,
+                        tags.LEARNER_VERSION: job.version,
+                        tags.SKIPPED_STEPS: summary.skipped,
+                        tags.REPLAY_SIZE: replay["size_fragments"],
+                        tags.REPLAY_INSERTED: replay["inserted"],
+                        tags.REPLAY_SAMPLED: replay["sampled"],
+                        tags.REPLAY_EVICTED: replay["evicted"],
+                        tags.REPLAY_REJECTED: sum(replay["rejected"].values()),
+                        tags.REPLAY_STALE: replay["dropped_stale"],
+                        tags.ACTORS_COUNT: len(job.topology.actors) - len(job.pending),
+                        tags.ACTORS_PENDING: len(job.pending),
+                        tags.ACTORS_RESTARTS: job.restarts,
+                        tags.ACTORS_ENV_ERRORS: job.env_errors,
+                        tags.ACTORS_INVALID: job.invalid_fragments,
+                        tags.REPLAY_RESTARTS: job.replay_restarts,
+                        tags.REPLAY_LOST: job.lost_fragments,
+                        tags.LEARNER_RESTARTS: job.learner_restarts,
+                    },
+                    summary,
+                )
             lag = summary.scalars.get(tags.LAG_MEAN, float("nan"))
             progress.show(
                 f"{steps:>12,} steps  {rate:>9,.0f}/s  return {mean_return:7.1f}  "
                 f"v{job.version:<6} lag {lag:5.1f}  actors {len(job.topology.actors)}"
                 + (f" ({len(job.pending)} pending)" if job.pending else "")
             )
+            orders = job.publish(
+                job.status(
+                    env_steps_per_s=rate,
+                    return_mean=mean_return,
+                    policy_lag_mean=lag,
+                    policy_lag_max=summary.scalars.get(tags.LAG_MAX, float("nan")),
+                    learner_samples_per_s=summary.samples / config.run.log_every,
+                    replay=_replay_status(replay, last_replay, now - last_time_replay),
+                    last_checkpoint=learner.get("last_checkpoint"),
+                    wall_s=now - start,
+                    max_env_steps=config.run.max_env_steps,
+                )
+            )
+            last_replay, last_time_replay = replay, now
+            if on_poll is not None and on_poll(job):
+                reason = "stopped by on_poll"
+                break
+            if orders is not None and orders.stop:
+                reason = orders.stop_reason or "stop requested"
+                break
+            if orders is not None and orders.desired_actors != len(job.topology.actors):
+                print(
+                    f"\noffpg: scaling from {len(job.topology.actors)} to "
+                    f"{orders.desired_actors} actor(s)",
+                    file=sys.stderr,
+                )
+                job.scale(orders.desired_actors)
             if job.pending and now - pending_since > PENDING_NOTICE_S:
                 free = ray.available_resources().get("CPU", 0)
                 print(
@@ -362,6 +650,8 @@ def train(config: JobConfig) -> RunSummary:
         finally:
             if writer is not None:
                 writer.close()
+            if job.controller is not None:
+                _finish_controller(job, reason, final)
             if owns_ray:
                 ray.shutdown()
     wall = time.monotonic() - start
@@ -379,6 +669,11 @@ def train(config: JobConfig) -> RunSummary:
         checkpoint=final.get("checkpoint"),
         actor_restarts=job.restarts,
         ok=ok,
+        replay_restarts=job.replay_restarts,
+        learner_restarts=job.learner_restarts,
+        lost_fragments=job.lost_fragments,
     )
     print(summary.line(), flush=True)
+    if job.run_dir.is_dir():
+        (job.run_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1))
     return summary

@@ -1,0 +1,363 @@
+"""A real multi-node Ray cluster on loopback: `offpg launch | status | scale | stop` end to end.
+
+The cluster is three `ray start --block` processes on 127.0.0.1 (a head with 1 CPU and two
+workers with 2 CPUs each), with token authentication on, its own temp dir and its own ports, so
+it cannot meet another Ray on this machine. The tests drive it only through the `offpg` command
+line, as a user would. Every process it starts is ended by the module's teardown: each node's
+process group, then any process left that carries this cluster's temp dir or token (never
+`ray stop`, which would end every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+if not Path("/proc/self/environ").exists():
+    pytest.skip("the teardown finds leftover processes through /proc", allow_module_level=True)
+
+CLI = [sys.executable, "-m", "deploy.cli"]
+REPO = Path(__file__).resolve().parent.parent
+#: Seconds a scaled fleet gets to be running: new actors start Python, torch and Gymnasium on
+#: a 2-core machine that the learner and the other actors keep busy.
+START_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_ports() -> list[str]:
+    names = (
+        "node-manager-port",
+        "object-manager-port",
+        "metrics-export-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+    )
+    return [f"--{name}={free_port()}" for name in names]
+
+
+class LoopbackCluster:
+    """Ray nodes started with `ray start --block`, each in its own process group."""
+
+    def __init__(self) -> None:
+        # Short: Ray's unix sockets live under it and their paths are length-limited.
+        self.temp_dir = tempfile.mkdtemp(prefix="offpg-rc-", dir="/tmp")
+        self.token = secrets.token_hex(32)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_"))}
+        self.env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            RAY_USAGE_STATS_ENABLED="0",
+            PYTHONPATH=str(REPO),
+        )
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.gcs = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.nodes: list[subprocess.Popen] = []
+
+    def _start(self, args: list[str], name: str) -> subprocess.Popen:
+        log = open(Path(self.temp_dir) / f"{name}.log", "wb")  # noqa: SIM115 (closed by Popen)
+        proc = subprocess.Popen(
+            ["ray", "start", "--block", "--node-ip-address=127.0.0.1", *args, *node_ports()],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.nodes.append(proc)
+        return proc
+
+    def start_head(self) -> None:
+        self._start(
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--num-cpus=1",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={self.temp_dir}",
+                "--object-store-memory=150000000",
+                "--disable-usage-stats",
+            ],
+            "head",
+        )
+        self.wait_cpus(1)
+
+    def add_worker(self, cpus: int) -> subprocess.Popen:
+        total = self.total_cpus()
+        proc = self._start(
+            [
+                f"--address={self.gcs}",
+                f"--num-cpus={cpus}",
+                "--object-store-memory=150000000",
+                "--disable-usage-stats",
+            ],
+            f"worker{len(self.nodes)}",
+        )
+        self.wait_cpus(total + cpus)
+        return proc
+
+    def api(self, path: str) -> dict:
+        request = urllib.request.Request(
+            self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def total_cpus(self) -> float:
+        try:
+            nodes = self.api("/nodes?view=summary")["data"]["summary"]
+        except OSError:
+            return 0.0
+        return sum(
+            n["raylet"].get("resourcesTotal", {}).get("CPU", 0.0)
+            for n in nodes
+            if n["raylet"].get("state") == "ALIVE"
+        )
+
+    def wait_cpus(self, cpus: float, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.total_cpus() < cpus:
+            for proc in self.nodes:
+                assert proc.poll() is None, f"a Ray node exited; see {self.temp_dir}/*.log"
+            assert time.monotonic() < deadline, f"the cluster never reached {cpus} CPUs"
+            time.sleep(0.5)
+
+    def offpg(self, *args: str, timeout: float = 120.0, check: bool = True) -> str:
+        done = subprocess.run(
+            [*CLI, *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check:
+            assert done.returncode == 0, f"offpg {' '.join(args)}: {done.stderr[-3000:]}"
+        return done.stdout
+
+    def status(self, run: str) -> dict:
+        return json.loads(self.offpg("status", run, "--json", "--address", self.gcs))
+
+    def job_status(self, job_id: str) -> str:
+        return self.api(f"/api/jobs/{job_id}")["status"]
+
+    @staticmethod
+    def end_group(proc: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+    def stop(self) -> None:
+        for proc in reversed(self.nodes):
+            self.end_group(proc)
+        # Processes that left the groups (Ray workers, the job's driver): ours carry this
+        # cluster's temp dir on their command line or its token in their environment.
+        ours = [pid for pid in _pids() if self._is_ours(pid)]
+        for pid in ours:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{pid}").exists() for pid in ours):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+
+    def _is_ours(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return False
+        return self.temp_dir.encode() in cmdline or (
+            f"RAY_AUTH_TOKEN={self.token}".encode() in environ.split(b"\0")
+        )
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LoopbackCluster]:
+    rc = LoopbackCluster()
+    try:
+        rc.start_head()
+        rc.add_worker(2)
+        rc.add_worker(2)
+        yield rc
+    finally:
+        rc.stop()
+
+
+def launch(rc: LoopbackCluster, run: str, tmp: Path, *sets: str) -> str:
+    out = rc.offpg(
+        "launch",
+        "--address",
+        rc.dashboard,
+        "--name",
+        run,
+        "--set",
+        "run.target_return=none",
+        "--set",
+        "run.max_env_steps=500000000",
+        "--set",
+        "run.log_every=1.0",
+        "--set",
+        "actors.num_envs=16",
+        "--set",
+        f"run.logdir={tmp}",
+        *(arg for s in sets for arg in ("--set", s)),
+    )
+    assert f"offpg: run {run} submitted as job " in out, out
+    return out.split("submitted as job ", 1)[1].split()[0]
+
+
+def wait_for(rc: LoopbackCluster, run: str, what: str, ok, timeout: float = START_S) -> dict:
+    """Poll `offpg status --json` until `ok(status)`; returns that status."""
+    deadline = time.monotonic() + timeout
+    last: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            last = rc.status(run)
+        except AssertionError:  # not registered yet
+            time.sleep(1.0)
+            continue
+        if ok(last):
+            return last
+        time.sleep(1.0)
+    raise AssertionError(f"{run}: never {what}; last status {json.dumps(last)[:2000]}")
+
+
+def running(n: int):
+    return lambda s: (
+        s["state"] == "running" and s["actors"]["running"] == n and s["actors"]["pending"] == 0
+    )
+
+
+def stop_run(rc: LoopbackCluster, run: str, job_id: str) -> str:
+    out = rc.offpg("stop", run, "--address", rc.gcs, timeout=200)
+    deadline = time.monotonic() + 60
+    while rc.job_status(job_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, "the job did not end after offpg stop"
+        time.sleep(0.5)
+    assert rc.job_status(job_id) == "SUCCEEDED"
+    return out
+
+
+def test_launch_scale_2_4_1_and_stop(cluster, tmp_path):
+    rc, run = cluster, "elastic"
+    job_id = launch(rc, run, tmp_path, "run.num_actors=2")
+    try:
+        first = wait_for(
+            rc,
+            run,
+            "2 actors running with env steps",
+            lambda s: running(2)(s) and s["env_steps"] > 0,
+        )
+        # Placement: the replay service sits on the learner's node; actors spread.
+        assert first["placement"]["replay_node"] == first["placement"]["learner_node"]
+        assert first["cluster"]["cpus_total"] == 5
+        steps = [first["env_steps"]]
+
+        for n in (4, 1):
+            rc.offpg("scale", run, "--actors", str(n), "--address", rc.gcs)
+            asked = time.monotonic()
+            now = rc.status(run)
+            assert now["desired_actors"] == n  # the request is visible at once
+            now = wait_for(rc, run, f"{n} actors running", running(n))
+            print(f"{run}: {n} actors running {time.monotonic() - asked:.1f} s after the request")
+            assert len(now["actors"]["ids"]) == n
+            assert now["actors"]["restarted"] == 0
+            steps.append(now["env_steps"])
+            if n == 4:
+                assert len(now["actors"]["by_node"]) >= 2, "actors were not spread"
+            # Training goes on: the learner advances and so do the env steps.
+            later = wait_for(
+                rc, run, "making progress", lambda s, v=now: s["env_steps"] > v["env_steps"]
+            )
+            assert later["learner"]["version"] > first["learner"]["version"]
+            steps.append(later["env_steps"])
+        assert steps == sorted(steps) and len(set(steps)) == len(steps), steps
+
+        text = rc.offpg("status", run, "--address", rc.gcs)
+        assert "1 running, 0 pending, 0 restarted" in text and "offpg tensorboard" in text
+
+        out = stop_run(rc, run, job_id)
+        checkpoint = out.rsplit("final checkpoint ", 1)[1].strip()
+        assert Path(checkpoint).is_file() and Path(checkpoint).parent.parent == tmp_path / run
+        logs = rc.offpg("logs", run, "--address", rc.dashboard)
+        assert "stop requested (offpg stop)" in logs and "scaling from 2 to 4" in logs
+        assert list((tmp_path / run).glob("events.out.tfevents.*"))
+        assert (tmp_path / run / "replay.snapshot").is_file()
+        # The run is gone from the cluster: its controller ended with it.
+        gone = rc.offpg("status", run, "--address", rc.gcs, check=False)
+        assert gone == ""
+    finally:
+        if rc.job_status(job_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            rc.offpg("stop", run, "--address", rc.gcs, "--no-wait", check=False)
+
+
+def test_scale_beyond_cluster_is_pending_until_a_node_joins(cluster, tmp_path):
+    rc, run = cluster, "pending"
+    job_id = launch(rc, run, tmp_path, "run.num_actors=1")
+    extra = None
+    try:
+        wait_for(rc, run, "1 actor running", running(1))
+        # 5 CPUs, the learner holds 1: room for 4 one-CPU actors, so the 5th waits.
+        rc.offpg("scale", run, "--actors", "5", "--address", rc.gcs)
+        waiting = wait_for(
+            rc,
+            run,
+            "4 running and 1 pending",
+            lambda s: (
+                s["state"] == "running"
+                and s["actors"]["running"] == 4
+                and s["actors"]["pending"] == 1
+            ),
+        )
+        assert waiting["state"] == "running" and waiting["actors"]["restarted"] == 0
+        text = rc.offpg("status", run, "--address", rc.gcs)
+        assert "1 pending" in text and "they start when nodes are added" in text
+        # Still pending a few polls later: pending is not failing (no restarts).
+        time.sleep(3)
+        still = rc.status(run)
+        assert still["actors"]["pending"] == 1 and still["actors"]["restarted"] == 0
+        assert still["env_steps"] > waiting["env_steps"]
+
+        extra = rc.add_worker(2)
+        joined = wait_for(rc, run, "5 actors running after the node joined", running(5))
+        assert joined["actors"]["restarted"] == 0
+        stop_run(rc, run, job_id)
+    finally:
+        if rc.job_status(job_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            rc.offpg("stop", run, "--address", rc.gcs, "--no-wait", check=False)
+        if extra is not None:
+            rc.end_group(extra)
