@@ -1,0 +1,281 @@
+"""How much do importance weights buy when the acting policy is stale? Forced lag, in-process.
+
+    python benchmarks/staleness.py                        # CartPole, lags 0 4 16 64, 3 seeds
+    python benchmarks/staleness.py --seeds 1 --lags 0 16  # quicker
+    python benchmarks/staleness.py --env Acrobot-v1 --target -100 --budget 1000000
+
+No Ray and no replay: one `RolloutActor` (its fragments through `MemorySink` and
+`replay.codec.decode`, exactly the bytes a real actor sends) and one `Learner`, in a serial loop.
+Before learner step k the actor is handed the weights the learner published at version
+`max(0, k - lag)` (a deque of published weight dicts), collects one fragment, and the learner
+takes one step on it. So every batch is exactly `lag` versions old (until there are that many
+versions), each fragment is learned from once, and nothing but the forced lag is off-policy; the
+learner's own lag metric is checked against it. Deterministic for a seed (one torch thread).
+
+Estimators (`learner.estimators`): `vtrace`; `first_order_is`, `reduced_is`, `per_decision_is`
+from `pg_weights`; and `reward_to_go`, which ignores the ratios (no correction). Every one uses
+the learner's defaults otherwise, in particular `rho_clip = 1`: V-trace's rho-bar, and for the
+`pg_weights` estimators the truncation of every per-step ratio at 1 (so `first_order_is` is the
+truncated first-order form, and the product estimators multiply truncated ratios). The value
+function is always trained on the V-trace targets, so the estimators differ only in the weights
+of the policy gradient.
+
+Writes `benchmarks/results/staleness_<env>.png` (mean return of the last 100 episodes against
+env steps, one panel per lag, line = mean over seeds, band = min..max) and
+`staleness_<env>.md` (median env steps to solve, the ratio to lag 0, solved/seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ESTIMATORS = ("vtrace", "first_order_is", "reduced_is", "per_decision_is", "reward_to_go")
+LABELS = {
+    "vtrace": "V-trace",
+    "first_order_is": "first-order IS (rho clip 1)",
+    "reduced_is": "reduced IS",
+    "per_decision_is": "per-decision IS",
+    "reward_to_go": "no correction (reward-to-go)",
+}
+WINDOW = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    env: str
+    estimator: str
+    lag: int
+    seed: int
+    budget: int
+    target: float
+    num_envs: int
+    unroll: int
+    lr: float
+
+
+class LaggedWeights:
+    """A `WeightSource` that serves one chosen (version, weights) pair, set before each fragment."""
+
+    def __init__(self) -> None:
+        self._version = -1
+        self._weights: dict[str, np.ndarray] | None = None
+
+    def set(self, version: int, weights: dict[str, np.ndarray]) -> None:
+        self._version, self._weights = version, weights
+
+    def version(self) -> int:
+        return self._version
+
+    def fetch(self, have_version: int):
+        if self._weights is None or self._version == have_version:
+            return None
+        return self._version, self._weights
+
+
+def run(job: Job) -> dict:
+    import torch
+
+    from actors.envs import EnvConfig, probe_spaces
+    from actors.rollout import ActorConfig, MemorySink, RolloutActor
+    from learner.learner import Learner, LearnerConfig
+    from learner.policy import PolicySpec
+    from replay.codec import decode
+    from replay.trajectory import Batch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(job.seed)
+    env_config = EnvConfig(id=job.env, seed=job.seed * 7919)
+    spec = PolicySpec.from_spaces(*probe_spaces(env_config))
+    published: collections.deque[tuple[int, dict[str, np.ndarray]]] = collections.deque(
+        maxlen=job.lag + 1
+    )
+    learner = Learner(
+        spec,
+        LearnerConfig(
+            lr=job.lr, estimator=job.estimator, device="cpu", torch_threads=1, prefetch=1
+        ),
+        publish=lambda version, weights: published.append((version, weights)),
+    )
+    learner.publish_weights()
+    source = LaggedWeights()
+    source.set(*published[0])
+    sink = MemorySink()
+    actor = RolloutActor(
+        0,
+        env_config,
+        ActorConfig(num_envs=job.num_envs, unroll_length=job.unroll),
+        spec,
+        sink=sink,
+        weights=source,
+    )
+    returns: collections.deque[float] = collections.deque(maxlen=WINDOW)
+    curve_steps, curve_returns = [], []
+    env_steps, solved_at = 0, None
+    started = time.perf_counter()
+    while env_steps < job.budget:
+        # published[0] is the oldest kept: version max(0, learner.version - lag).
+        source.set(*published[0])
+        actor.collect()
+        fragment = decode(sink.items.pop())
+        metrics = learner.step(Batch.stack([fragment]))
+        if not metrics.skipped and metrics.lag_max != min(job.lag, metrics.version - 1):
+            raise AssertionError(f"lag {metrics.lag_max}, forced {job.lag}")
+        env_steps += fragment.rewards.size
+        returns.extend(float(r) for r in fragment.episode_returns)
+        if len(returns) >= 10:
+            curve_steps.append(env_steps)
+            curve_returns.append(float(np.mean(returns)))
+        if len(returns) == WINDOW and np.mean(returns) >= job.target:
+            solved_at = env_steps
+            break
+    actor.close()
+    return {
+        **dataclasses.asdict(job),
+        "solved_at": solved_at,
+        "env_steps": env_steps,
+        "seconds": time.perf_counter() - started,
+        "steps": curve_steps[::4] + curve_steps[-1:],
+        "returns": curve_returns[::4] + curve_returns[-1:],
+    }
+
+
+def _median_steps(runs: list[dict]) -> float | None:
+    vals = sorted(math.inf if r["solved_at"] is None else r["solved_at"] for r in runs)
+    med = statistics.median(vals)
+    return None if math.isinf(med) else med
+
+
+def summarise(results: list[dict], lags: list[int], estimators: list[str], budget: int) -> str:
+    head = "| estimator | " + " | ".join(f"lag {lag}" for lag in lags) + " |"
+    rows = [head, "| --- |" + " ---: |" * len(lags)]
+    for est in estimators:
+        cells = []
+        base = _median_steps([r for r in results if r["estimator"] == est and r["lag"] == lags[0]])
+        for lag in lags:
+            runs = [r for r in results if r["estimator"] == est and r["lag"] == lag]
+            med = _median_steps(runs)
+            solved = sum(r["solved_at"] is not None for r in runs)
+            if med is None:
+                cells.append(f"> {budget / 1e3:,.0f}k ({solved}/{len(runs)})")
+            else:
+                ratio = f", {med / base:.2f}x" if base and lag != lags[0] else ""
+                cells.append(f"{med / 1e3:,.0f}k ({solved}/{len(runs)}{ratio})")
+        rows.append(f"| {LABELS[est]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], lags: list[int], estimators: list[str], out: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deploy.plot import Series, aggregate
+
+    fig, axes = plt.subplots(1, len(lags), figsize=(4.2 * len(lags), 3.8), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, lag in zip(axes, lags, strict=True):
+        for i, est in enumerate(estimators):
+            runs = [r for r in results if r["estimator"] == est and r["lag"] == lag and r["steps"]]
+            if not runs:
+                continue
+            # A run that solved stops early; hold its last value so the band covers the budget.
+            end = max(r["steps"][-1] for r in runs)
+            series = [
+                Series(np.array([*r["steps"], end]), np.array([*r["returns"], r["returns"][-1]]))
+                for r in runs
+            ]
+            curve = aggregate(est, series, weight=0.0)
+            color = f"C{i}"
+            ax.plot(curve.x, curve.mean, color=color, label=LABELS[est])
+            if curve.seeds > 1:
+                ax.fill_between(curve.x, curve.low, curve.high, color=color, alpha=0.15)
+        ax.set_title(f"policy lag {lag}")
+        ax.set_xlabel("environment steps")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean return (last 100 episodes)")
+    axes[-1].legend(loc="lower right", fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("--target", type=float, default=475.0)
+    parser.add_argument("--lags", type=int, nargs="+", default=[0, 4, 16, 64])
+    parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budget", type=int, default=400_000, help="env steps per run")
+    parser.add_argument("--num-envs", type=int, default=32)
+    parser.add_argument("--unroll", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes")
+    args = parser.parse_args(argv)
+
+    jobs = [
+        Job(args.env, est, lag, seed, args.budget, args.target, args.num_envs, args.unroll, args.lr)
+        for seed in range(args.seeds)
+        for lag in args.lags
+        for est in args.estimators
+    ]
+    started = time.time()
+    load = os.getloadavg()[0]
+    results = []
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        for r in pool.imap_unordered(run, jobs):
+            results.append(r)
+            solved = f"solved at {r['solved_at']:,}" if r["solved_at"] else "not solved"
+            print(
+                f"staleness: {r['estimator']:16} lag {r['lag']:3} seed {r['seed']}: {solved} "
+                f"({r['env_steps']:,} steps, {r['seconds']:.0f} s)  [{len(results)}/{len(jobs)}]",
+                flush=True,
+            )
+    name = args.env.replace("/", "-").split("-v")[0].lower()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png = RESULTS / f"staleness_{name}.png"
+    plot(
+        results,
+        args.lags,
+        args.estimators,
+        png,
+        f"{args.env}: forced policy lag, {args.seeds} seed(s), "
+        f"{args.num_envs} envs x {args.unroll} steps per learner step",
+    )
+    table = summarise(results, args.lags, args.estimators, args.budget)
+    cmd = "python benchmarks/staleness.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
+    text = (
+        f"# Forced policy lag on {args.env}\n\n`{cmd}`, {time.strftime('%Y-%m-%d')}, "
+        f"{args.seeds} seed(s), {args.jobs} process(es) on {os.cpu_count()} shared cores (load "
+        f"{load:.1f} at the start), {time.time() - started:.0f} s in all.\n\n"
+        f"Median env steps until the mean return of the last 100 episodes reached "
+        f"{args.target:g} (solved seeds / seeds, and the ratio to lag {args.lags[0]}); "
+        f"budget {args.budget:,} env steps per run, one fragment of {args.num_envs} x "
+        f"{args.unroll} steps per learner step, lr {args.lr:g}.\n\n{table}\n\n"
+        f"![mean return against env steps per lag]({png.name})\n"
+    )
+    md = RESULTS / f"staleness_{name}.md"
+    md.write_text(text)
+    (RESULTS / f"staleness_{name}.json").write_text(json.dumps(results))
+    print("\n" + text + f"\nwrote {md} and {png}")
+
+
+if __name__ == "__main__":
+    main()
