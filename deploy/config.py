@@ -102,8 +102,16 @@ def _default_learner() -> LearnerConfig:
 
 
 def _default_replay() -> ReplayConfig:
+    # Snapshots every 15 s into the run directory (a relative snapshot_path is taken relative to
+    # it): a restarted replay service or a resumed run loses at most that much of the actors'
+    # output. replay.snapshot_every=0 turns the periodic ones off (the final one stays).
     return ReplayConfig(
-        sampler="uniform", capacity_fragments=64, samples_per_insert=8.0, tolerance=64.0
+        sampler="uniform",
+        capacity_fragments=64,
+        samples_per_insert=8.0,
+        tolerance=64.0,
+        snapshot_path="replay.snapshot",
+        snapshot_every=15.0,
     )
 
 

@@ -37,9 +37,6 @@ RETURN_WINDOW = 100
 PENDING_NOTICE_S = 10.0
 #: Seconds a pending actor (maybe never scheduled) gets to stop before it is killed.
 PENDING_STOP_S = 2.0
-#: Seconds between replay snapshots when `replay.snapshot_every` is 0: a restarted replay
-#: service (or a resumed run) loses at most this much of the actors' output.
-SNAPSHOT_EVERY_S = 15.0
 #: Seconds the learner may stay unreachable (Ray restarting it) before the run fails.
 LEARNER_RESTART_TIMEOUT_S = 180.0
 
@@ -135,7 +132,8 @@ class Job:
         self.name = run_name(config)
         self.run_dir = Path(config.run.logdir) / self.name
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.snapshot_path = self.run_dir / "replay.snapshot"
+        # A relative replay.snapshot_path (the default, "replay.snapshot") is in the run dir.
+        self.snapshot_path = self.run_dir / (config.replay.snapshot_path or "replay.snapshot")
         if config.run.resume and not self.checkpoint_dir.is_dir():
             raise ConfigError("run.resume", f"no checkpoints to resume in {self.checkpoint_dir}")
         if not config.run.resume and self.run_dir.exists():
@@ -187,11 +185,7 @@ class Job:
             raise ConfigError("run.name", f"a run named {self.name!r} is already running") from None
         # The replay service snapshots into the run directory (periodically when
         # replay.snapshot_every is set, and at the end); a resumed run restores from there.
-        replay_cfg = dataclasses.replace(
-            cfg.replay,
-            snapshot_path=str(self.snapshot_path),
-            snapshot_every=cfg.replay.snapshot_every or SNAPSHOT_EVERY_S,
-        )
+        replay_cfg = dataclasses.replace(cfg.replay, snapshot_path=str(self.snapshot_path))
         store = topology.start_store()
         # The learner is placed first (on a GPU node when it wants one), the replay service
         # next to it, so batches never cross the network.

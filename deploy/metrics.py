@@ -46,6 +46,12 @@ ACTORS_COUNT = "actors/count"
 ACTORS_PENDING = "actors/pending"
 ACTORS_RESTARTS = "actors/restarts"
 ACTORS_ENV_ERRORS = "actors/env_errors"
+ACTORS_INVALID = "actors/invalid_fragments"  # refused by the codec at the actor (NaN rewards)
+# Faults recovered (deploy/job.py): restarts of the replay service and of the learner, and the
+# acknowledged fragments a replay restart lost (inserted after its last snapshot).
+REPLAY_RESTARTS = "replay/restarts"
+REPLAY_LOST = "replay/lost_fragments"
+LEARNER_RESTARTS = "learner/restarts"
 
 #: Tags every run must write (the integration test reads them back).
 REQUIRED_TAGS: tuple[str, ...] = (

@@ -103,7 +103,9 @@ class LearnerConfig:
     max_grad_norm: float = _field(10.0, "clip the global gradient norm to this value")
     batch_size: int = _field(8, "fragments per batch")
     publish_every: int = _field(1, "publish the weights every this many learner steps")
-    checkpoint_every: float = _field(600.0, "seconds between checkpoints")
+    checkpoint_every: float = _field(
+        60.0, "seconds between checkpoints (a restarted learner loses at most this much)"
+    )
     keep_checkpoints: int = _field(3, "how many of the newest checkpoints to keep")
     device: str = _field("auto", "auto (CUDA when available), cpu or cuda")
     prefetch: int = _field(2, "batches decoded and moved to the device ahead of the step")
