@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 
 #: Seconds any driver-side Ray call may block before it is reported as stuck.
 CALL_TIMEOUT = 60.0
+
+
+def was_restarted() -> bool:
+    """Whether Ray restarted the current actor (its process died and this is a new one)."""
+    # Ray 2.60's property reads its own deprecated `actor_id` inside: silence that warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 class RaySink:
@@ -166,8 +175,7 @@ class LearnerWorker:
             checkpoint_dir=checkpoint_dir,
             publish=publisher(store),
         )
-        context = ray.get_runtime_context()
-        self.reconstructed = context.was_current_actor_reconstructed
+        self.reconstructed = was_restarted()
         self.incarnation = uuid.uuid4().hex[:8]
         restore = resume or self.reconstructed
         self.restored = self.learner.restore_latest() if restore else None
@@ -300,7 +308,7 @@ class ReplayWorker(ReplayService):
 
     def __init__(self, config: ReplayConfig):
         self.incarnation = uuid.uuid4().hex[:8]
-        self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        self.reconstructed = was_restarted()
         self.restore_error: str | None = None
         try:
             super().__init__(config)
