@@ -323,18 +323,26 @@ class ActorCritic(nn.Module):
         the log-prob must be of the action the distribution produced). `deterministic` takes
         the mode (argmax / mean), for evaluation; `logp` is then still log pi of that action.
         """
+        # The hot call of every rollout actor: only the policy torso and head run (the critic's
+        # torso and the entropy are the learner's business), and the categorical sample is a
+        # Gumbel-max over the logits, without building a distribution object.
         with torch.inference_mode():
-            policy_out, _ = self(torch.as_tensor(obs))
-            dist = self.distribution(policy_out)
-            if deterministic:
-                actions = policy_out.argmax(-1) if isinstance(dist, Categorical) else dist.mean
+            x = self._prepare(torch.as_tensor(obs))
+            policy_out = self.policy_head(self.torso(x))
+            if self.spec.action_kind == "discrete":
+                log_probs = torch.log_softmax(policy_out, -1)
+                if deterministic:
+                    actions = policy_out.argmax(-1)
+                else:
+                    gumbel = -torch.empty_like(log_probs).exponential_().log()
+                    actions = (log_probs + gumbel).argmax(-1)
+                logp = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+                actions_np = actions.cpu().numpy().astype(np.int64, copy=False)
             else:
-                actions = dist.sample()
-            logp, _ = self._logp_entropy(dist, actions)
-        if isinstance(dist, Categorical):
-            actions_np = actions.cpu().numpy().astype(np.int64, copy=False)
-        else:
-            actions_np = actions.cpu().numpy().astype(np.float32, copy=False)
+                dist = self.distribution(policy_out)
+                actions = dist.mean if deterministic else dist.sample()
+                logp = dist.log_prob(actions).sum(-1)
+                actions_np = actions.cpu().numpy().astype(np.float32, copy=False)
         return ActOutput(actions_np, logp.cpu().numpy().astype(np.float32, copy=False))
 
     def evaluate(self, obs: torch.Tensor, actions: torch.Tensor) -> Evaluation:
