@@ -126,16 +126,30 @@ class JobConfig:
     replay: ReplayConfig = dataclasses.field(default_factory=_default_replay)
     policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
 
+    def __post_init__(self) -> None:
+        # One source of truth for keys two components share (see DERIVED).
+        if self.env.num_envs != self.actors.num_envs:
+            env = dataclasses.replace(self.env, num_envs=self.actors.num_envs)
+            object.__setattr__(self, "env", env)
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain nested dict (tuples as lists), suitable for TOML, JSON and Ray."""
-        return {
+        """Plain nested dict (tuples as lists), suitable for TOML, JSON and Ray; keys derived
+        from another key (DERIVED) are left out."""
+        tree = {
             section.name: _plain(dataclasses.asdict(getattr(self, section.name)))
             for section in dataclasses.fields(self)
         }
+        for key in DERIVED:
+            section, _, name = key.partition(".")
+            del tree[section][name]
+        return tree
 
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
 
+
+#: Keys a job derives from another key: an actor's vector env has `actors.num_envs` envs.
+DERIVED: dict[str, str] = {"env.num_envs": "actors.num_envs"}
 
 #: section name -> its config class, in `JobConfig` order.
 SECTIONS: dict[str, type] = typing.get_type_hints(JobConfig)
@@ -197,6 +211,10 @@ def load_config(
         if not name:
             raise ConfigError(key, "name a key inside the section, e.g. learner.lr=3e-4")
         tree[section][name] = value
+    for key, source in DERIVED.items():
+        section, _, name = key.partition(".")
+        if name in tree[section]:
+            raise ConfigError(key, f"is set by {source} in a job; set that instead")
     defaults = JobConfig()
     built = {
         section: _build(section, getattr(defaults, section), tree[section]) for section in SECTIONS
@@ -308,7 +326,7 @@ def field_docs() -> list[tuple[str, str, str]]:
     defaults = JobConfig().to_dict()
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            if f.init:
+            if f.init and f"{section}.{f.name}" not in DERIVED:
                 default = defaults[section][f.name]
                 rows.append((f"{section}.{f.name}", repr(default), f.metadata.get("doc", "")))
     return rows

@@ -35,6 +35,12 @@ def test_int_is_accepted_for_float_and_lists_become_tuples():
     assert config.policy.hidden_sizes == (32, 16)
 
 
+def test_env_num_envs_follows_actors_num_envs():
+    config = load_config(None, ["actors.num_envs=12"])
+    assert config.env.num_envs == config.actors.num_envs == 12
+    assert "num_envs" not in config.to_dict()["env"]
+
+
 def test_none_for_optional_fields():
     assert load_config(None, ["run.target_return=none"]).run.target_return is None
 
@@ -52,6 +58,7 @@ def test_none_for_optional_fields():
         (["learner.estimator=magic"], "learner.estimator", "vtrace"),
         (["env.id=NoSuchEnv-v9"], "env.id", "NoSuchEnv-v9"),
         (["learner"], "learner", "section.key=value"),
+        (["env.num_envs=8"], "env.num_envs", "actors.num_envs"),
         (["learner=1"], "learner", "name a key"),
     ],
 )
