@@ -614,8 +614,13 @@ def train(config: JobConfig, on_poll: Callable[[Job], bool | None] | None = None
                     file=sys.stderr,
                 )
                 job.scale(orders.desired_actors)
-            if job.pending and now - pending_since > PENDING_NOTICE_S:
-                free = ray.available_resources().get("CPU", 0)
+            free = ray.available_resources().get("CPU", 0) if job.pending else 0.0
+            # Only actors the cluster has no room for are "pending"; others are just starting.
+            if (
+                job.pending
+                and free < config.actors.num_cpus
+                and now - pending_since > PENDING_NOTICE_S
+            ):
                 print(
                     f"\noffpg: {len(job.pending)} actor(s) pending: each needs "
                     f"{config.actors.num_cpus} CPU, the cluster has {free:g} free; they start "
