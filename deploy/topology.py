@@ -360,7 +360,10 @@ def start_replay(config: ReplayConfig, node_id: str | None = None) -> Any:
 def start_controller(run: str, num_actors: int) -> Any:
     """The run's named controller (see `deploy.controller`), owned by this driver.
 
-    Raises ValueError when a run of that name is already running on the cluster."""
+    Raises ValueError when a run of that name is already running on the cluster.
+    It lives on the driver's node: losing any other node must not take `offpg status`, `scale`
+    and `stop` with it (the driver's node gone ends the run anyway)."""
+    driver_node = ray.get_runtime_context().get_node_id()
     return (
         ray.remote(Controller)
         .options(
@@ -369,6 +372,7 @@ def start_controller(run: str, num_actors: int) -> Any:
             num_cpus=0,
             max_concurrency=8,
             max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(driver_node, soft=False),
         )
         .remote(run, num_actors)
     )

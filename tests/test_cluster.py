@@ -370,3 +370,48 @@ def test_scale_beyond_cluster_is_pending_until_a_node_joins(cluster, tmp_path):
             rc.offpg("stop", run, "--address", rc.gcs, "--no-wait", check=False)
         if extra is not None:
             rc.end_group(extra)
+
+
+def test_lost_worker_node_its_actors_are_recreated_on_the_remaining_nodes(cluster, tmp_path):
+    """Issue 6: a worker node dies (its `ray start` process group is killed): the actors it held
+    are restarted (counted) on the remaining nodes, the fleet returns to its size, and training
+    goes on. Runs last in this module: the cluster is a node short afterwards."""
+    rc, run = cluster, "nodeloss"
+    job_id = launch(rc, run, tmp_path, "run.num_actors=2")
+    try:
+        before = wait_for(rc, run, "2 actors running", running(2))
+        # The worker node holding an actor but not the learner (the head has only 1 CPU).
+        by_port = {
+            int(n["raylet"]["nodeManagerPort"]): n["raylet"]["nodeId"]
+            for n in rc.api("/nodes?view=summary")["data"]["summary"]
+            if n["raylet"].get("state") == "ALIVE"
+        }
+        victims = []
+        for proc in rc.nodes[1:]:
+            if proc.poll() is not None:
+                continue
+            port = next(int(a.split("=")[1]) for a in proc.args if "node-manager-port" in a)
+            node = by_port.get(port)
+            if node in before["actors"]["by_node"] and node != before["placement"]["learner_node"]:
+                victims.append((proc, node))
+        assert victims, f"no worker node holds an actor without the learner: {before}"
+        proc, dead = victims[0]
+        rc.end_group(proc)
+
+        after = wait_for(
+            rc,
+            run,
+            "2 actors running again, off the lost node",
+            lambda s: (
+                running(2)(s)
+                and s["actors"]["restarted"] >= before["actors"]["by_node"][dead]
+                and dead not in s["actors"]["by_node"]
+            ),
+            timeout=START_S * 2,
+        )
+        later = wait_for(rc, run, "making progress", lambda s: s["env_steps"] > after["env_steps"])
+        assert later["learner"]["version"] > before["learner"]["version"]
+        stop_run(rc, run, job_id)
+    finally:
+        if rc.job_status(job_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            rc.offpg("stop", run, "--address", rc.gcs, "--no-wait", check=False)
