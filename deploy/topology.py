@@ -270,7 +270,8 @@ class LearnerWorker:
     def stop(self, counters: dict[str, int], timeout: float = 60.0) -> dict:
         """Stop stepping, write the final checkpoint, and return the last metrics."""
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # a restarted learner may not have been started
+            self._thread.join(timeout)
         self.learner.counters.update(counters)
         path = self.learner.save_checkpoint()
         final = self.drain(counters)
