@@ -3,7 +3,8 @@
     python benchmarks/chaos.py [--duration 180] [--every 20] [--seed 0] [--actors 2]
 
 Every `--every` seconds one of {a rollout actor, the replay service, the learner} is picked at
-random and its worker process is SIGKILLed (an actor is sometimes `ray.kill`ed instead). A
+random (in shuffled rounds of the three, so each is hit as often) and its worker process is
+SIGKILLed (an actor is `ray.kill`ed instead half the time). A
 fault counts as recovered when the driver has counted the matching restart (`actors/restarts`,
 `replay/restarts`, `learner/restarts`) and, for an actor, the fleet is back to its size. The run
 goes on for `--duration` seconds whatever the return (the target does not stop it), then prints
@@ -45,6 +46,7 @@ class Monkey:
         self.recovered: list[tuple[str, float]] = []
         self.waiting: list[tuple[str, int, float]] = []  # (kind, counter before, time)
         self.reached: tuple[int, float] | None = None
+        self._round: list[str] = []
 
     def __call__(self, job: Job) -> bool:
         now = time.monotonic()
@@ -67,7 +69,10 @@ class Monkey:
 
     def _inject(self, job: Job, now: float) -> None:
         topo = job.topology
-        kind = self.rng.choice(["actor", "replay", "learner"])
+        if not self._round:
+            self._round = ["actor", "replay", "learner"]
+            self.rng.shuffle(self._round)
+        kind = self._round.pop()
         try:
             if kind == "actor":
                 actor_id = self.rng.choice(sorted(topo.actors))
@@ -108,7 +113,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of training")
     parser.add_argument("--every", type=float, default=20.0, help="seconds between faults")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault choices")
-    parser.add_argument("--actors", type=int, default=2, help="rollout actors")
+    parser.add_argument("--actors", type=int, default=1, help="rollout actors (64 envs in all)")
     parser.add_argument("--logdir", default=None, help="where the run logs (default: a temp dir)")
     args = parser.parse_args()
     logdir = args.logdir or tempfile.mkdtemp(prefix="offpg-chaos-")

@@ -37,12 +37,6 @@ from replay import codec
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env_without_ray_address() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
-
-
 # -- writes are atomic ---------------------------------------------------------------------------
 
 
@@ -91,49 +85,6 @@ def test_killed_checkpoint_writer_leaves_the_previous_checkpoint_intact(tmp_path
             assert state["x"].shape == (20_000_000,) and bool((state["x"] == 1).all())
 
 
-# -- divergence ----------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_diverging_learner_stops_the_job_with_its_message(tmp_path):
-    """lr = 1e30 makes every loss after the first step non-finite: `max_nan_steps` skipped steps
-    in a row end the run, `offpg train` exits 1 and prints the learner's message."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deploy.cli",
-            "train",
-            "--name",
-            "diverge",
-            "--logdir",
-            str(tmp_path),
-            "--set",
-            "learner.lr=1e30",
-            "--set",
-            "learner.max_nan_steps=3",
-            "--set",
-            "run.log_every=0.5",
-            "--set",
-            "run.max_env_steps=2000000",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=_env_without_ray_address(),
-        cwd=tmp_path,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-3000:]
-    assert "learner failed: RuntimeError: 3 consecutive learner steps had a non-finite" in out, out[
-        -3000:
-    ]
-    assert "the policy has diverged" in out
-
-
-# -- one run, many faults ------------------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray whose workers can import `faulty_env` (they inherit PYTHONPATH)."""
@@ -151,6 +102,39 @@ def local_ray():
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old
+
+
+# -- divergence ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_diverging_learner_stops_the_job_with_its_message(local_ray, tmp_path, capsys):
+    """lr = 1e30 makes every loss after the first step non-finite: `max_nan_steps` skipped steps
+    in a row end the run, and `offpg train` returns 1 and prints the learner's message."""
+    from deploy.cli import main
+
+    code = main(
+        [
+            "train",
+            "--name",
+            "diverge",
+            "--logdir",
+            str(tmp_path),
+            "--set",
+            "learner.lr=1e30",
+            "--set",
+            "learner.max_nan_steps=3",
+            "--set",
+            "run.log_every=0.5",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 1, out[-3000:]
+    assert "learner failed: RuntimeError: 3 consecutive learner steps had a non-finite" in out
+    assert "the policy has diverged" in out
+
+
+# -- one run, many faults ------------------------------------------------------------------------
 
 
 def _bad_messages() -> list[bytes]:
