@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
 from replay.trajectory import Fragment
 
@@ -65,3 +68,27 @@ def _make_fragment(
 def make_fragment():
     """Factory of valid `replay.trajectory.Fragment`s: `make_fragment(t, n, obs_shape=...)`."""
     return _make_fragment
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for one test module (4 logical CPUs: a learner and a few actors), whose
+    workers can import the repository and the test helpers (they inherit PYTHONPATH). A Ray
+    another module left running is shut down first, so every module gets the same setup."""
+    if ray.is_initialized():
+        ray.shutdown()
+    old = os.environ.get("PYTHONPATH")
+    paths = (str(_ROOT), str(_ROOT / "tests"), old)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old

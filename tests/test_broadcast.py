@@ -3,10 +3,8 @@ object store keeps only the newest version."""
 
 from __future__ import annotations
 
-import os
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,28 +17,6 @@ torch.set_num_threads(1)
 ray = pytest.importorskip("ray")
 
 SPEC = PolicySpec((4,), "float32", "discrete", 2)
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():  # another module's cluster: use it, and leave it running
-        yield ray
-        return
-    # Ray's workers inherit the raylet's environment: make the repository (and this module, for
-    # the `Consumer` actor class) importable there without requiring an installed package.
-    old = os.environ.get("PYTHONPATH")
-    paths = (str(ROOT), str(ROOT / "tests"), old)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
 
 
 class Consumer:

@@ -85,25 +85,6 @@ def test_killed_checkpoint_writer_leaves_the_previous_checkpoint_intact(tmp_path
             assert state["x"].shape == (20_000_000,) and bool((state["x"] == 1).all())
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray whose workers can import `faulty_env` (they inherit PYTHONPATH)."""
-    if ray.is_initialized():
-        ray.shutdown()
-    old = os.environ.get("PYTHONPATH")
-    paths = (str(ROOT), str(ROOT / "tests"), old)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-
-
 # -- divergence ----------------------------------------------------------------------------------
 
 

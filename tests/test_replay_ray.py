@@ -3,41 +3,17 @@
 from __future__ import annotations
 
 import collections
-import os
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 import ray
 
 from replay import codec
 from replay.service import ReplayConfig, ReplayService
 from replay.trajectory import Fragment
 
-ROOT = Path(__file__).resolve().parents[1]
 PRODUCERS = 8
 PER_PRODUCER = 60
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():  # another module's cluster: use it, and leave it running
-        yield ray
-        return
-    # Workers inherit the raylet's environment: make `replay` and this module importable.
-    old = os.environ.get("PYTHONPATH")
-    paths = (str(ROOT), str(ROOT / "tests"), old)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
 
 
 def _service(config: ReplayConfig):

@@ -8,25 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deploy import metrics as tags
 from deploy.config import load_config
 from deploy.job import train
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One Ray for the module, with enough logical CPUs for a learner and two actors."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def read_events(run_dir: str) -> EventAccumulator:
