@@ -343,7 +343,9 @@ def start_replay(config: ReplayConfig, node_id: str | None = None) -> Any:
     """The replay service, on `node_id` when given (soft: elsewhere if that node is gone), so
     the learner's batches and the actors' fragments each cross the network at most once."""
     strategy = (
-        NodeAffinitySchedulingStrategy(node_id, soft=True) if node_id is not None else "DEFAULT"
+        # Hard affinity: the soft kind was seen to spill to another node on a loaded loopback
+        # cluster. The learner is on that node now, so it is alive.
+        NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id is not None else "DEFAULT"
     )
     return (
         ray.remote(ReplayWorker)

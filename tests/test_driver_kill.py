@@ -121,6 +121,10 @@ def test_sigkilled_driver_resumes_from_checkpoint_and_snapshot(tmp_path):
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    # SIGKILL is delivered asynchronously: give the kernel a moment to reap them.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in leftovers):
+        time.sleep(0.2)
     assert not any(_alive(p) for p in leftovers)
 
     newest = dict(checkpoint.readable_checkpoints(str(run_dir / "checkpoints")))
