@@ -28,12 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from actors.envs import EnvConfig, make_vec_env  # noqa: E402
+from benchmarks.rollout import raw_steps_per_s  # noqa: E402
 
 
 def run_offpg(logdir: str, name: str, overrides: list[str], timeout: float) -> dict:
@@ -55,22 +53,6 @@ def run_offpg(logdir: str, name: str, overrides: list[str], timeout: float) -> d
     return summary
 
 
-def raw_stepping(num_envs: int, seconds: float = 3.0) -> float:
-    """Env steps/s of the vectorised CartPole env with random actions, this process only."""
-    env = make_vec_env(EnvConfig(id="CartPole-v1", num_envs=num_envs), actor_id=0)
-    env.reset(seed=0)
-    rng = np.random.default_rng(0)
-    actions = rng.integers(0, 2, (1024, num_envs))
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for row in actions:
-            env.step(row)
-        steps += len(actions) * num_envs
-    rate = steps / (time.perf_counter() - start)
-    env.close()
-    return rate
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -79,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}", flush=True)
 
-    raw = raw_stepping(64)
+    raw = raw_steps_per_s("CartPole-v1", 64, seconds=3.0)
     print(f"raw CartPole vector env (64 envs, random actions, one core): {raw:,.0f} steps/s")
 
     solves = []

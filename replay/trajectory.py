@@ -74,8 +74,24 @@ META_FIELDS: dict[str, type] = {"policy_version": int, "actor_id": int, "fragmen
 EPISODE_FIELDS: dict[str, str] = {"episode_returns": "float32", "episode_lengths": "int32"}
 
 
+class _TimeMajor:
+    """T and N of a time-major container, read off its `[T, N]` rewards."""
+
+    rewards: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of steps (rows of `rewards`)."""
+        return int(self.rewards.shape[0])
+
+    @property
+    def num_envs(self) -> int:
+        """N, the number of environment columns."""
+        return int(self.rewards.shape[1])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class Fragment:
+class Fragment(_TimeMajor):
     """`T` steps of `N` environments from one actor; see the module docstring for the layout."""
 
     obs: np.ndarray  # [T+1, N, *obs_shape] float32 | uint8
@@ -90,16 +106,6 @@ class Fragment:
     fragment_id: str
     episode_returns: np.ndarray  # [K] float32
     episode_lengths: np.ndarray  # [K] int32
-
-    @property
-    def num_steps(self) -> int:
-        """T, the number of steps (rows of `rewards`)."""
-        return int(self.rewards.shape[0])
-
-    @property
-    def num_envs(self) -> int:
-        """N, the number of environment columns."""
-        return int(self.rewards.shape[1])
 
     @property
     def nbytes(self) -> int:
@@ -211,7 +217,7 @@ def _describe(value: object) -> str:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Batch:
+class Batch(_TimeMajor):
     """B fragments concatenated along the env axis: still time-major, `[T, sum N, ...]`.
 
     Per-column metadata lets the learner measure the policy lag of every column.
@@ -255,14 +261,6 @@ class Batch:
             actor_id=np.repeat([f.actor_id for f in fragments], counts).astype(np.int64),
             fragment_ids=tuple(f.fragment_id for f in fragments),
         )
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.rewards.shape[0])
-
-    @property
-    def num_envs(self) -> int:
-        return int(self.rewards.shape[1])
 
     @property
     def nbytes(self) -> int:
