@@ -12,13 +12,14 @@ takes one step on it. So every batch is exactly `lag` versions old (until there 
 versions), each fragment is learned from once, and nothing but the forced lag is off-policy; the
 learner's own lag metric is checked against it. Deterministic for a seed (one torch thread).
 
-Estimators (`learner.estimators`): `vtrace`; `first_order_is`, `reduced_is`, `per_decision_is`
-from `pg_weights`; and `reward_to_go`, which ignores the ratios (no correction). Every one uses
-the learner's defaults otherwise, in particular `rho_clip = 1`: V-trace's rho-bar, and for the
-`pg_weights` estimators the truncation of every per-step ratio at 1 (so `first_order_is` is the
-truncated first-order form, and the product estimators multiply truncated ratios). The value
-function is always trained on the V-trace targets, so the estimators differ only in the weights
-of the policy gradient.
+Estimators (`learner.estimators`): `vtrace`; `vtrace_clip`, V-trace with the learner's
+`policy_clip = 0.2` (APPO's clipped surrogate against the behaviour policy); `first_order_is`,
+`reduced_is`, `per_decision_is` from `pg_weights`; and `reward_to_go`, which ignores the ratios
+(no correction). Every one uses the learner's defaults otherwise, in particular `rho_clip = 1`:
+V-trace's rho-bar, and for the `pg_weights` estimators the truncation of every per-step ratio
+at 1 (so `first_order_is` is the truncated first-order form, and the product estimators
+multiply truncated ratios). The value function is always trained on the V-trace targets, so
+the estimators differ only in the weights of the policy gradient.
 
 Writes `benchmarks/results/staleness_<env>.png` (mean return of the last 100 episodes against
 env steps, one panel per lag, line = mean over seeds, band = min..max) and
@@ -43,10 +44,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from deploy.config import parse_override
+
 RESULTS = Path(__file__).resolve().parent / "results"
-ESTIMATORS = ("vtrace", "first_order_is", "reduced_is", "per_decision_is", "reward_to_go")
+ESTIMATORS = (
+    "vtrace",
+    "vtrace_clip",
+    "first_order_is",
+    "reduced_is",
+    "per_decision_is",
+    "reward_to_go",
+)
+# Estimator names that are V-trace plus other learner settings.
+VARIANTS = {"vtrace_clip": {"estimator": "vtrace", "policy_clip": 0.2}}
 LABELS = {
     "vtrace": "V-trace",
+    "vtrace_clip": "V-trace + clipped surrogate (APPO, e = 0.2)",
     "first_order_is": "first-order IS (rho clip 1)",
     "reduced_is": "reduced IS",
     "per_decision_is": "per-decision IS",
@@ -66,6 +79,7 @@ class Job:
     num_envs: int
     unroll: int
     lr: float
+    learner: tuple[tuple[str, object], ...] = ()
 
 
 class LaggedWeights:
@@ -107,7 +121,14 @@ def run(job: Job) -> dict:
     learner = Learner(
         spec,
         LearnerConfig(
-            lr=job.lr, estimator=job.estimator, device="cpu", torch_threads=1, prefetch=1
+            **{
+                "lr": job.lr,
+                "device": "cpu",
+                "torch_threads": 1,
+                "prefetch": 1,
+                **dict(job.learner),
+                **VARIANTS.get(job.estimator, {"estimator": job.estimator}),
+            }
         ),
         publish=lambda version, weights: published.append((version, weights)),
     )
@@ -187,7 +208,7 @@ def plot(results: list[dict], lags: list[int], estimators: list[str], out: Path,
 
     from deploy.plot import Series, aggregate
 
-    fig, axes = plt.subplots(1, len(lags), figsize=(4.2 * len(lags), 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(lags), figsize=(4.2 * len(lags), 4.4), sharex=True, sharey=True)
     axes = np.atleast_1d(axes)
     for ax, lag in zip(axes, lags, strict=True):
         for i, est in enumerate(estimators):
@@ -209,9 +230,10 @@ def plot(results: list[dict], lags: list[int], estimators: list[str], out: Path,
         ax.set_xlabel("environment steps")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean return (last 100 episodes)")
-    axes[-1].legend(loc="lower right", fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
@@ -227,17 +249,56 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-envs", type=int, default=32)
     parser.add_argument("--unroll", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--learner",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="other LearnerConfig fields for every run, e.g. normalize_advantages=true",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="redo the table and plot from results JSONs this script wrote (e.g. on a machine "
+        "without matplotlib; several runs of the same grid with other estimators merge), "
+        "running nothing",
+    )
     args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        saved = [json.loads(path.read_text()) for path in args.from_json]
+        args = argparse.Namespace(**{**vars(args), **saved[0]["args"]})
+        ran = {est for run in saved for est in run["args"]["estimators"]}
+        args.estimators = [est for est in ESTIMATORS if est in ran]
+        results = [r for run in saved for r in run["results"]]
+        report(args, results, "\n\n".join(run["header"] for run in saved))
+        return
+    name = args.env.replace("/", "-").split("-v")[0].lower()
 
+    learner = tuple(parse_override(item) for item in args.learner)
     jobs = [
-        Job(args.env, est, lag, seed, args.budget, args.target, args.num_envs, args.unroll, args.lr)
+        Job(
+            args.env,
+            est,
+            lag,
+            seed,
+            args.budget,
+            args.target,
+            args.num_envs,
+            args.unroll,
+            args.lr,
+            learner,
+        )
         for seed in range(args.seeds)
         for lag in args.lags
         for est in args.estimators
     ]
     started = time.time()
     load = os.getloadavg()[0]
+    cores = os.cpu_count()
     results = []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         for r in pool.imap_unordered(run, jobs):
@@ -248,33 +309,52 @@ def main(argv: list[str] | None = None) -> None:
                 f"({r['env_steps']:,} steps, {r['seconds']:.0f} s)  [{len(results)}/{len(jobs)}]",
                 flush=True,
             )
-    name = args.env.replace("/", "-").split("-v")[0].lower()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    png = RESULTS / f"staleness_{name}.png"
-    plot(
-        results,
-        args.lags,
-        args.estimators,
-        png,
-        f"{args.env}: forced policy lag, {args.seeds} seed(s), "
-        f"{args.num_envs} envs x {args.unroll} steps per learner step",
-    )
-    table = summarise(results, args.lags, args.estimators, args.budget)
     cmd = "python benchmarks/staleness.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
+    header = (
+        f"`{cmd}`, {time.strftime('%Y-%m-%d')}, {args.seeds} seed(s), {args.jobs} process(es) "
+        f"on {cores} cores (load {load:.1f} at the start), {time.time() - started:.0f} s in all."
+    )
+    (args.out / f"staleness_{name}.json").write_text(
+        json.dumps({"header": header, "args": _saved_args(args), "results": results})
+    )
+    report(args, results, header)
+
+
+def _saved_args(args: argparse.Namespace) -> dict:
+    keep = ("env", "target", "lags", "estimators", "seeds", "budget", "num_envs", "unroll", "lr")
+    keep += ("learner",)
+    return {key: getattr(args, key) for key in keep}
+
+
+def report(args, results: list[dict], header: str) -> None:
+    """Write `staleness_<env>.md` (and the plot, where matplotlib is installed)."""
+    name = args.env.replace("/", "-").split("-v")[0].lower()
+    table = summarise(results, args.lags, args.estimators, args.budget)
+    png = args.out / f"staleness_{name}.png"
+    try:
+        plot(
+            results,
+            args.lags,
+            args.estimators,
+            png,
+            f"{args.env}: forced policy lag, {args.seeds} seed(s), "
+            f"{args.num_envs} envs x {args.unroll} steps per learner step, lr {args.lr:g}"
+            + "".join(f", {item}" for item in args.learner),
+        )
+        picture = f"\n![mean return against env steps per lag]({png.name})\n"
+    except ImportError:
+        picture = "\n(no plot: matplotlib is not installed here; redo it with --from-json)\n"
     text = (
-        f"# Forced policy lag on {args.env}\n\n`{cmd}`, {time.strftime('%Y-%m-%d')}, "
-        f"{args.seeds} seed(s), {args.jobs} process(es) on {os.cpu_count()} shared cores (load "
-        f"{load:.1f} at the start), {time.time() - started:.0f} s in all.\n\n"
+        f"# Forced policy lag on {args.env}\n\n{header}\n\n"
         f"Median env steps until the mean return of the last 100 episodes reached "
         f"{args.target:g} (solved seeds / seeds, and the ratio to lag {args.lags[0]}); "
         f"budget {args.budget:,} env steps per run, one fragment of {args.num_envs} x "
-        f"{args.unroll} steps per learner step, lr {args.lr:g}.\n\n{table}\n\n"
-        f"![mean return against env steps per lag]({png.name})\n"
+        f"{args.unroll} steps per learner step, lr {args.lr:g}"
+        f"{''.join(', ' + item for item in args.learner)}.\n\n{table}\n{picture}"
     )
-    md = RESULTS / f"staleness_{name}.md"
+    md = args.out / f"staleness_{name}.md"
     md.write_text(text)
-    (RESULTS / f"staleness_{name}.json").write_text(json.dumps(results))
-    print("\n" + text + f"\nwrote {md} and {png}")
+    print("\n" + text + f"\nwrote {md}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ The loss, per batch of `[T, B]` steps (`mask` = not an autoreset step, `n = mask
 
 with `w` the V-trace policy-gradient advantages (default) or `pg_weights(...)` of another
 estimator with the learned value as baseline, and `vs` the V-trace value targets for every
-estimator. Normalising by the number of real steps `n` (instead of the estimators' documented
+estimator. With `policy_clip = e` (APPO's trust region) the policy term is instead
+`-(min(r A, clip(r, 1-e, 1+e) A) * mask).sum() / n`, `r = pi/mu` carrying the gradient and
+`A = r_t + discounts_t vs_{t+1} - V(s_t)`: at `r = 1` its gradient is V-trace's, and a sample
+whose ratio already left the region in the advantage's direction adds nothing. Normalising by
+the number of real steps `n` (instead of the estimators' documented
 `(1/B) sum_t`, i.e. by B) keeps the step size independent of the unroll length T and of how
 many autoreset steps a batch happens to hold; it is the estimators' estimate divided by the
 mean number of real steps per column.
@@ -98,6 +102,13 @@ class LearnerConfig:
     vtrace_lambda: float = _field(
         1.0, "V-trace trace weight lambda in [0, 1] (1: the paper's default; lower: less variance)"
     )
+    policy_clip: float | None = _field(
+        None,
+        "APPO's trust region, vtrace only: the policy term becomes the clipped surrogate "
+        "-min(r A, clip(r, 1 - e, 1 + e) A), r = pi/mu, A = the V-trace advantage without its "
+        "rho factor, so replaying a fragment cannot push the policy far from the one that "
+        "acted; None: IMPALA's policy gradient",
+    )
     value_coef: float = _field(0.5, "weight of the value loss")
     entropy_coef: float = _field(0.01, "weight of the entropy bonus")
     max_grad_norm: float = _field(10.0, "clip the global gradient norm to this value")
@@ -154,6 +165,16 @@ class LearnerConfig:
         positive("reward_clip", allow_none=True)
         if not (0.0 <= self.vtrace_lambda <= 1.0):
             raise ValueError(f"vtrace_lambda: must lie in [0, 1], got {self.vtrace_lambda!r}")
+        if self.policy_clip is not None:
+            if not (isinstance(self.policy_clip, int | float) and 0 < self.policy_clip < 1):
+                raise ValueError(
+                    f"policy_clip: must lie in (0, 1) or be None, got {self.policy_clip!r}"
+                )
+            if self.estimator != "vtrace":
+                raise ValueError(
+                    "policy_clip: the clipped surrogate is defined on V-trace advantages; set "
+                    f"estimator = vtrace or policy_clip = none (estimator is {self.estimator!r})"
+                )
         if not (0.0 <= self.gamma <= 1.0):
             raise ValueError(f"gamma: must lie in [0, 1], got {self.gamma!r}")
         for name in ("value_coef", "entropy_coef"):
@@ -364,7 +385,12 @@ class Learner:
             pg_rho_clip=cfg.pg_rho_clip,
             lambda_=cfg.vtrace_lambda,
         )
-        if cfg.estimator == "vtrace":
+        if cfg.policy_clip is not None:
+            # The V-trace advantage before its rho factor: the ratio enters through the
+            # surrogate instead, unclipped inside the trust region and flat outside it.
+            vs_next = torch.cat([vt.vs[1:], inp.bootstrap_value[None]])
+            weights = inp.rewards + inp.discounts * vs_next - inp.values
+        elif cfg.estimator == "vtrace":
             weights = vt.pg_advantages
         else:
             weights = pg_weights(
@@ -385,7 +411,13 @@ class Learner:
             mean = (weights * mask).sum() / n
             std = (((weights - mean) ** 2 * mask).sum() / n).sqrt()
             weights = (weights - mean) / (std + 1e-8)
-        policy_loss = -(weights * ev.logp * mask).sum() / n
+        if cfg.policy_clip is None:
+            surrogate = weights * ev.logp
+        else:
+            ratio = (ev.logp - inp.behaviour_logp).exp()
+            clipped = ratio.clamp(1.0 - cfg.policy_clip, 1.0 + cfg.policy_clip)
+            surrogate = torch.minimum(ratio * weights, clipped * weights)
+        policy_loss = -(surrogate * mask).sum() / n
         value_loss = 0.5 * ((vt.vs - ev.values[:-1]) ** 2 * mask).sum() / n
         entropy = (ev.entropy * mask).sum() / n
         loss = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy

@@ -248,6 +248,55 @@ def test_steps_on_a_fixed_batch_lower_the_loss_and_favour_the_rewarded_action(es
     assert learner.version == 30
 
 
+def test_policy_clip_is_checked():
+    with pytest.raises(ValueError, match=r"^policy_clip: must lie in \(0, 1\)"):
+        LearnerConfig(policy_clip=1.5)
+    with pytest.raises(ValueError, match=r"^policy_clip: .*estimator is 'reward_to_go'"):
+        LearnerConfig(policy_clip=0.2, estimator="reward_to_go")
+
+
+def _policy_grads(config: LearnerConfig, batch: Batch) -> list[torch.Tensor]:
+    """The gradient of one step from the uniform policy with V = 0 (no entropy term)."""
+    torch.manual_seed(0)
+    learner = Learner(SPEC, config)
+    flatten_policy(learner, 0.0)
+    learner.step(batch)
+    return [p.grad.clone() for p in learner.model.parameters() if p.grad is not None]
+
+
+def test_policy_clip_gradient_is_vtraces_on_policy():
+    """At r = 1 (behaviour = target) the surrogate's gradient is V-trace's policy gradient."""
+    rewards = np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32)
+    batch = make_batch(rewards=rewards)
+    base = {"entropy_coef": 0.0, "max_grad_norm": 1e9}
+    plain = _policy_grads(LearnerConfig(**base), batch)
+    clipped = _policy_grads(LearnerConfig(**base, policy_clip=0.2), batch)
+    assert len(plain) == len(clipped) and any(g.abs().sum() > 0 for g in plain)
+    for a, b in zip(plain, clipped, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("reward", "flows"), [(1.0, False), (-1.0, True)])
+def test_policy_clip_stops_the_gradient_outside_the_trust_region(reward, flows):
+    """pi = 1/2 where the behaviour had 1/5: r = 2.5 > 1 + e. With positive advantages the
+    sample is already favoured beyond the region and adds nothing; with negative ones the
+    unclipped term is the minimum and the gradient flows (PPO's pessimistic bound)."""
+    t, b = 8, 4
+    terminated = np.zeros((t, b), bool)
+    terminated[::2] = True  # one-step episodes: A = r_t - V = reward
+    batch = make_batch(
+        t,
+        b,
+        rewards=np.full((t, b), reward, np.float32),
+        terminated=terminated,
+        behaviour_logp=np.full((t, b), math.log(0.2), np.float32),
+    )
+    config = LearnerConfig(entropy_coef=0.0, value_coef=0.0, max_grad_norm=1e9, policy_clip=0.2)
+    grads = _policy_grads(config, batch)
+    total = sum(float(g.abs().sum()) for g in grads)
+    assert (total > 1e-3) is flows, total
+
+
 def test_linear_lr_schedule_and_rmsprop():
     config = LearnerConfig(lr=1e-3, lr_schedule="linear", lr_decay_steps=4, optimizer="rmsprop")
     learner = Learner(SPEC, config)
