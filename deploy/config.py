@@ -91,16 +91,23 @@ class RunConfig:
 
 # The job's defaults are the tuned CartPole-v1 recipe (`offpg train` with no arguments solves
 # it; deploy/configs/cartpole.toml spells the same values out). Uniform replay at ~8 samples per
-# inserted fragment, importance-corrected by V-trace, gives PPO-like sample efficiency at the
-# actors' throughput. Files and `--set` overrides apply on top of these.
+# inserted fragment, importance-corrected by V-trace inside APPO's clipped surrogate, gives
+# PPO-like sample efficiency at the actors' throughput. Files and `--set` overrides apply on
+# top of these.
 def _default_actors() -> ActorConfig:
     return ActorConfig(num_envs=64, unroll_length=16)
 
 
 def _default_learner() -> LearnerConfig:
-    # lr 1e-3 with grad-norm clip 10 solved faster on some seeds but collapsed to a
-    # deterministic policy (return ~9) on others; these settings solved every seed tried.
-    return LearnerConfig(lr=6e-4, batch_size=4, max_grad_norm=1.0)
+    # reward_scale 0.1: CartPole's discounted returns reach ~100, and a value head learning at
+    # Adam's lr took ~1M env steps to grow that large, holding the return near 200 meanwhile.
+    # policy_clip 0.2 (APPO's trust region): each fragment is replayed ~8 times at a policy lag
+    # of ~40 versions; without it the policy ran away from the data (importance ESS fell to
+    # 0.1) and collapsed to a deterministic one (return ~9) on some seeds. With both, 12 of 12
+    # seeds solved at 0.27-0.37M env steps (1-2M without).
+    return LearnerConfig(
+        lr=6e-4, batch_size=4, max_grad_norm=1.0, reward_scale=0.1, policy_clip=0.2
+    )
 
 
 def _default_replay() -> ReplayConfig:
