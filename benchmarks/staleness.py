@@ -1,8 +1,10 @@
 """How much do importance weights buy when the acting policy is stale? Forced lag, in-process.
 
-    python benchmarks/staleness.py                        # CartPole, lags 0 4 16 64, 3 seeds
-    python benchmarks/staleness.py --seeds 1 --lags 0 16  # quicker
+    # the CartPole table in benchmarks/README.md:
+    python benchmarks/staleness.py --seeds 5 --budget 1000000 --learner vtrace_lambda=0.95 \\
+        reward_scale=0.1
     python benchmarks/staleness.py --env Acrobot-v1 --target -100 --budget 1000000
+    python benchmarks/staleness.py --seeds 1 --lags 0 16  # quicker
 
 No Ray and no replay: one `RolloutActor` (its fragments through `MemorySink` and
 `replay.codec.decode`, exactly the bytes a real actor sends) and one `Learner`, in a serial loop.
@@ -248,11 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=400_000, help="env steps per run")
     parser.add_argument("--num-envs", type=int, default=32)
     parser.add_argument("--unroll", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--learner",
         nargs="*",
-        default=[],
+        default=["vtrace_lambda=0.95"],
         metavar="KEY=VALUE",
         help="other LearnerConfig fields for every run, e.g. normalize_advantages=true",
     )
