@@ -340,8 +340,9 @@ class ReplayWorker(ReplayService):
 
 
 def start_replay(config: ReplayConfig, node_id: str | None = None) -> Any:
-    """The replay service, on `node_id` when given (soft: elsewhere if that node is gone), so
-    the learner's batches and the actors' fragments each cross the network at most once."""
+    """The replay service, on `node_id` when given (hard affinity: it lives and dies with that
+    node), so the learner's batches and the actors' fragments each cross the network at most
+    once."""
     strategy = (
         # Hard affinity: the soft kind was seen to spill to another node on a loaded loopback
         # cluster. The learner is on that node now, so it is alive.
