@@ -39,6 +39,9 @@ PENDING_NOTICE_S = 10.0
 PENDING_STOP_S = 2.0
 #: Seconds the learner may stay unreachable (Ray restarting it) before the run fails.
 LEARNER_RESTART_TIMEOUT_S = 180.0
+#: Between the full polls (every `run.log_every` s), the actors' episode returns are read this
+#: often to see the target return: a solved run ends within ~0.25 s, not up to `log_every`.
+SOLVE_CHECK_S = 0.25
 
 
 @dataclasses.dataclass
@@ -455,6 +458,29 @@ class Job:
         return final
 
 
+def _solved(job: Job, target: float | None) -> bool:
+    returns = job.returns
+    return (
+        target is not None
+        and len(returns) >= RETURN_WINDOW
+        and sum(returns) / len(returns) >= target
+    )
+
+
+def _wait_for_poll(job: Job, config: JobConfig) -> None:
+    """Sleep until the next full poll, `run.log_every` s; earlier once the target is reached."""
+    deadline = time.monotonic() + config.run.log_every
+    while (remaining := deadline - time.monotonic()) > 0:
+        if config.run.target_return is None:
+            time.sleep(remaining)
+            return
+        time.sleep(min(remaining, SOLVE_CHECK_S))
+        if time.monotonic() < deadline:
+            job.poll_actors()
+            if _solved(job, config.run.target_return):
+                return
+
+
 def _replay_status(now: dict, before: dict | None, seconds: float) -> dict[str, Any]:
     """Replay size and insert/sample rates (per second) since the last poll."""
     rates = {}
@@ -531,7 +557,7 @@ def train(config: JobConfig, on_poll: Callable[[Job], bool | None] | None = None
         last_replay, last_time_replay = None, time.monotonic()
         last_written = -1
         while True:
-            time.sleep(config.run.log_every)
+            _wait_for_poll(job, config)
             job.poll_actors()
             learner = job.drain_learner()
             if learner is None:  # being restarted by Ray
@@ -628,11 +654,7 @@ def train(config: JobConfig, on_poll: Callable[[Job], bool | None] | None = None
                     file=sys.stderr,
                 )
                 pending_since = now
-            if (
-                config.run.target_return is not None
-                and len(job.returns) >= RETURN_WINDOW
-                and mean_return >= config.run.target_return
-            ):
+            if _solved(job, config.run.target_return):
                 solved_at = (steps, now - start)
                 reason = f"target return {config.run.target_return:g} reached"
                 break
