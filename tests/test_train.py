@@ -91,7 +91,7 @@ def test_cartpole_with_forced_lag_is_solved_by_vtrace(local_ray, tmp_path):
 
 
 @pytest.mark.slow
-def test_pendulum_improves_clearly_from_random(local_ray, tmp_path):
+def test_pendulum_reaches_minus_250_within_budget(local_ray, tmp_path):
     config = load_config(
         Path(__file__).parent.parent / "deploy" / "configs" / "pendulum.toml",
         [],
@@ -101,6 +101,7 @@ def test_pendulum_improves_clearly_from_random(local_ray, tmp_path):
     events = read_events(summary.run_dir)
     returns = [e.value for e in events.Scalars(tags.EPISODE_RETURN)]
     # A random policy's 100-episode mean is about -1200 to -1300 on Pendulum-v1 (the first
-    # points); over the second half of the budget the learning one gets clearly above it.
+    # points); the recipe reaches -250 in about 0.36M of its 1.5M env steps.
     assert returns[0] < -1000, returns[:3]
-    assert max(returns[len(returns) // 2 :]) > -1000, returns
+    assert summary.solved, summary.line()
+    assert summary.return_mean > -400, summary.line()
