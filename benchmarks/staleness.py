@@ -59,6 +59,19 @@ ESTIMATORS = (
 )
 # Estimator names that are V-trace plus other learner settings.
 VARIANTS = {"vtrace_clip": {"estimator": "vtrace", "policy_clip": 0.2}}
+#: The arguments a results JSON keeps, so --from-json can redraw its table and plot.
+SAVED_ARGS = (
+    "env",
+    "target",
+    "lags",
+    "estimators",
+    "seeds",
+    "budget",
+    "num_envs",
+    "unroll",
+    "lr",
+    "learner",
+)
 LABELS = {
     "vtrace": "V-trace",
     "vtrace_clip": "V-trace + clipped surrogate (APPO, e = 0.2)",
@@ -278,7 +291,6 @@ def main(argv: list[str] | None = None) -> None:
         results = [r for run in saved for r in run["results"]]
         report(args, results, "\n\n".join(run["header"] for run in saved))
         return
-    name = args.env.replace("/", "-").split("-v")[0].lower()
 
     learner = tuple(parse_override(item) for item in args.learner)
     jobs = [
@@ -300,7 +312,6 @@ def main(argv: list[str] | None = None) -> None:
     ]
     started = time.time()
     load = os.getloadavg()[0]
-    cores = os.cpu_count()
     results = []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         for r in pool.imap_unordered(run, jobs):
@@ -314,23 +325,29 @@ def main(argv: list[str] | None = None) -> None:
     cmd = "python benchmarks/staleness.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
     header = (
         f"`{cmd}`, {time.strftime('%Y-%m-%d')}, {args.seeds} seed(s), {args.jobs} process(es) "
-        f"on {cores} cores (load {load:.1f} at the start), {time.time() - started:.0f} s in all."
+        f"on {os.cpu_count()} cores (load {load:.1f} at the start), "
+        f"{time.time() - started:.0f} s in all."
     )
-    (args.out / f"staleness_{name}.json").write_text(
-        json.dumps({"header": header, "args": _saved_args(args), "results": results})
+    (args.out / f"staleness_{_env_name(args.env)}.json").write_text(
+        json.dumps(
+            {
+                "header": header,
+                "args": {k: getattr(args, k) for k in SAVED_ARGS},
+                "results": results,
+            }
+        )
     )
     report(args, results, header)
 
 
-def _saved_args(args: argparse.Namespace) -> dict:
-    keep = ("env", "target", "lags", "estimators", "seeds", "budget", "num_envs", "unroll", "lr")
-    keep += ("learner",)
-    return {key: getattr(args, key) for key in keep}
+def _env_name(env: str) -> str:
+    """`ALE/Pong-v5` -> `ale-pong`, `CartPole-v1` -> `cartpole`: the results' file stem."""
+    return env.replace("/", "-").split("-v")[0].lower()
 
 
 def report(args, results: list[dict], header: str) -> None:
     """Write `staleness_<env>.md` (and the plot, where matplotlib is installed)."""
-    name = args.env.replace("/", "-").split("-v")[0].lower()
+    name = _env_name(args.env)
     table = summarise(results, args.lags, args.estimators, args.budget)
     png = args.out / f"staleness_{name}.png"
     try:

@@ -469,15 +469,16 @@ def _solved(job: Job, target: float | None) -> bool:
 
 def _wait_for_poll(job: Job, config: JobConfig) -> None:
     """Sleep until the next full poll, `run.log_every` s; earlier once the target is reached."""
+    target = config.run.target_return
     deadline = time.monotonic() + config.run.log_every
+    if target is None:
+        time.sleep(config.run.log_every)
+        return
     while (remaining := deadline - time.monotonic()) > 0:
-        if config.run.target_return is None:
-            time.sleep(remaining)
-            return
         time.sleep(min(remaining, SOLVE_CHECK_S))
         if time.monotonic() < deadline:
             job.poll_actors()
-            if _solved(job, config.run.target_return):
+            if _solved(job, target):
                 return
 
 
