@@ -30,6 +30,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorActionWrapper, VectorEnv
 
+from learner.policy import OBS_DTYPES, PolicySpec
+
 #: Seeds of different actors are this far apart: actor a, env i gets `seed + a * STRIDE + i`.
 SEED_STRIDE = 1_000_003
 
@@ -342,3 +344,50 @@ def probe_spaces(config: EnvConfig) -> tuple[gym.Space, gym.Space]:
         return env.single_observation_space, env.single_action_space
     finally:
         env.close()
+
+
+def policy_spec(
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    *,
+    network: str | None = None,
+    hidden_sizes: tuple[int, ...] = (64, 64),
+    shared_torso: bool | None = None,
+) -> PolicySpec:
+    """The `PolicySpec` for Gymnasium single-env spaces (`Box` observations; `Discrete` or 1-D
+    `Box` actions). `network` defaults to `impala_shallow` for 3-D `uint8` observations and
+    `mlp` otherwise."""
+    if not isinstance(observation_space, gym.spaces.Box):
+        raise ValueError(f"observations must be a Box space, got {observation_space}")
+    obs_shape = tuple(observation_space.shape)
+    obs_dtype = np.dtype(observation_space.dtype).name
+    if obs_dtype not in OBS_DTYPES:
+        # Actors cast float64 observations (some custom envs) to float32.
+        if np.issubdtype(observation_space.dtype, np.floating):
+            obs_dtype = "float32"
+        else:
+            raise ValueError(f"observation dtype {obs_dtype} is not float or uint8")
+    if network is None:
+        network = "impala_shallow" if len(obs_shape) == 3 and obs_dtype == "uint8" else "mlp"
+    common = dict(
+        obs_shape=obs_shape,
+        obs_dtype=obs_dtype,
+        network=network,
+        hidden_sizes=tuple(hidden_sizes),
+        shared_torso=shared_torso,
+    )
+    if isinstance(action_space, gym.spaces.Discrete):
+        if int(action_space.start) != 0:
+            raise ValueError(f"Discrete actions must start at 0, got {action_space}")
+        return PolicySpec(action_kind="discrete", action_dim=int(action_space.n), **common)
+    if isinstance(action_space, gym.spaces.Box):
+        if len(action_space.shape) != 1:
+            raise ValueError(f"Box actions must be 1-D, got shape {action_space.shape}")
+        return PolicySpec(
+            action_kind="continuous",
+            action_dim=int(action_space.shape[0]),
+            action_low=tuple(float(v) for v in action_space.low),
+            action_high=tuple(float(v) for v in action_space.high),
+            **common,
+        )
+    raise ValueError(f"actions must be Discrete or Box, got {action_space}")

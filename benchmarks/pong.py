@@ -80,13 +80,13 @@ def _actor(args: tuple[int, int, float, int]) -> float:
     num_envs, unroll, seconds, actor_id = args
     import torch
 
-    from actors.envs import EnvConfig, probe_spaces
+    from actors.envs import EnvConfig, policy_spec, probe_spaces
     from actors.rollout import ActorConfig, LocalWeights, RolloutActor
-    from learner.policy import PolicySpec, make_policy, state_dict_to_numpy
+    from learner.policy import make_policy, state_dict_to_numpy
 
     torch.set_num_threads(1)
     env_config = EnvConfig(id=ENV_ID, num_envs=num_envs)
-    spec = PolicySpec.from_spaces(*probe_spaces(env_config))
+    spec = policy_spec(*probe_spaces(env_config))
     actor = RolloutActor(
         actor_id,
         env_config,

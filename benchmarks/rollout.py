@@ -21,9 +21,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from actors.envs import EnvConfig, env_seeds, make_vec_env, probe_spaces, seeded_reset
+from actors.envs import (
+    EnvConfig,
+    env_seeds,
+    make_vec_env,
+    policy_spec,
+    probe_spaces,
+    seeded_reset,
+)
 from actors.rollout import ActorConfig, LocalWeights, RolloutActor
-from learner.policy import PolicySpec, make_policy, state_dict_to_numpy
+from learner.policy import make_policy, state_dict_to_numpy
 
 #: Each measurement is split into this many windows and the fastest is reported: the machine
 #: is shared, and a window that another process interrupted says nothing about this code.
@@ -62,7 +69,7 @@ def raw_steps_per_s(env_id: str, num_envs: int, seconds: float) -> float:
 
 def actor_steps_per_s(env_id: str, num_envs: int, unroll: int, seconds: float) -> float:
     env_config = EnvConfig(id=env_id, num_envs=num_envs)
-    spec = PolicySpec.from_spaces(*probe_spaces(env_config))
+    spec = policy_spec(*probe_spaces(env_config))
     weights = LocalWeights(state_dict_to_numpy(make_policy(spec)))
     actor = RolloutActor(
         0,

@@ -119,17 +119,16 @@ class LaggedWeights:
 def run(job: Job) -> dict:
     import torch
 
-    from actors.envs import EnvConfig, probe_spaces
+    from actors.envs import EnvConfig, policy_spec, probe_spaces
     from actors.rollout import ActorConfig, MemorySink, RolloutActor
     from learner.learner import Learner, LearnerConfig
-    from learner.policy import PolicySpec
     from replay.codec import decode
     from replay.trajectory import Batch
 
     torch.set_num_threads(1)
     torch.manual_seed(job.seed)
     env_config = EnvConfig(id=job.env, seed=job.seed * 7919)
-    spec = PolicySpec.from_spaces(*probe_spaces(env_config))
+    spec = policy_spec(*probe_spaces(env_config))
     published: collections.deque[tuple[int, dict[str, np.ndarray]]] = collections.deque(
         maxlen=job.lag + 1
     )

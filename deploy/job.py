@@ -24,12 +24,11 @@ from typing import Any
 
 import ray
 
-from actors.envs import probe_spaces
+from actors.envs import policy_spec, probe_spaces
 from deploy import metrics as tags
 from deploy import topology
 from deploy.config import ConfigError, JobConfig
 from deploy.controller import Orders
-from learner.policy import PolicySpec
 
 #: Episodes the target return is averaged over (CartPole-v1's "solved" definition).
 RETURN_WINDOW = 100
@@ -143,7 +142,7 @@ class Job:
             raise ConfigError("run.name", f"{self.run_dir} exists: add --resume or pick a new name")
         obs_space, action_space = probe_spaces(config.env)
         network = None if config.policy.network == "auto" else config.policy.network
-        self.spec = PolicySpec.from_spaces(
+        self.spec = policy_spec(
             obs_space, action_space, network=network, hidden_sizes=config.policy.hidden_sizes
         )
         self.returns: collections.deque[float] = collections.deque(maxlen=RETURN_WINDOW)

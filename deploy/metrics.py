@@ -1,4 +1,4 @@
-"""TensorBoard tags, in one place, and the writer that turns polled stats into points.
+"""TensorBoard tags of the driver, and the writer that turns polled stats into points.
 
 The x-axis of every scalar is the environment-step count, so runs with different actor counts
 or learner speeds compare on sample efficiency.
@@ -14,26 +14,28 @@ from typing import Any
 
 import numpy as np
 
-from learner import learner as _learner
-from learner.learner import StepMetrics
+from learner.metrics import (
+    ESS,
+    GRAD_NORM,
+    LAG_HIST,
+    LAG_MAX,
+    LAG_MEAN,
+    LOG_RHO_HIST,
+    LOSS_ENTROPY,
+    LOSS_POLICY,
+    LOSS_VALUE,
+    LR,
+    RHO_CLIPPED,
+    RHO_MEAN,
+    StepMetrics,
+)
 
+# The learner's tags (its `StepMetrics.scalars()` and `histograms()`) are defined in
+# `learner.metrics`; these are the driver's own.
 EPISODE_RETURN = "episode/return_mean"
 EPISODE_LENGTH = "episode/length_mean"
 ENV_STEPS_PER_S = "throughput/env_steps_per_s"
 LEARNER_SAMPLES_PER_S = "throughput/learner_samples_per_s"
-# The learner's own step metrics carry their tags (`StepMetrics.scalars()`); named here too.
-LAG_MEAN = _learner.TAG_LAG_MEAN
-LAG_MAX = _learner.TAG_LAG_MAX
-LAG_HIST = _learner.TAG_LAG_HIST
-RHO_MEAN = _learner.TAG_RHO_MEAN
-RHO_CLIPPED = _learner.TAG_RHO_CLIPPED
-ESS = _learner.TAG_ESS
-LOG_RHO_HIST = _learner.TAG_LOG_RHO_HIST
-LOSS_POLICY = _learner.TAG_POLICY_LOSS
-LOSS_VALUE = _learner.TAG_VALUE_LOSS
-LOSS_ENTROPY = _learner.TAG_ENTROPY
-GRAD_NORM = _learner.TAG_GRAD_NORM
-LR = _learner.TAG_LR
 LEARNER_VERSION = "learner/version"
 SKIPPED_STEPS = "learner/skipped_steps"
 REPLAY_SIZE = "replay/size"

@@ -2,7 +2,7 @@
 
 `actors/`, `learner/` and `replay/` know nothing of Ray placement; here each gets its resources:
 the learner a GPU when it wants CUDA and the cluster has one, the replay service and weight
-store no CPU reservation (they mostly wait on I/O), the replay service the learner's node (soft
+store no CPU reservation (they mostly wait on I/O), the replay service the learner's node (hard
 node affinity), each rollout actor `actors.num_cpus`, spread across the nodes, and the run's
 named controller (`deploy.controller`) no resources.
 """
@@ -14,19 +14,18 @@ import dataclasses
 import logging
 import os
 import threading
-import time
 import uuid
 import warnings
 from typing import Any
 
-import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.envs import EnvConfig
 from actors.rollout import ActorConfig, RolloutActor
 from deploy.controller import NAMESPACE, Controller, controller_name
-from learner.broadcast import WeightStore, fetch_weights, publisher
+from deploy.weights import RayWeightSource, publisher
+from learner.broadcast import WeightStore
 from learner.learner import Learner, LearnerConfig
 from learner.policy import PolicySpec
 from replay.service import ReplayConfig, ReplayService
@@ -70,19 +69,6 @@ class RaySink:
             self.accepted += 1
         else:
             self.rejected += 1
-
-
-class RayWeightSource:
-    """`actors.rollout.WeightSource` over the weight-store actor."""
-
-    def __init__(self, store: Any):
-        self._store = store
-
-    def version(self) -> int:
-        return ray.get(self._store.version.remote(), timeout=CALL_TIMEOUT)
-
-    def fetch(self, have_version: int) -> tuple[int, dict[str, np.ndarray]] | None:
-        return fetch_weights(self._store, have_version)
 
 
 class RolloutWorker:
@@ -421,20 +407,3 @@ def start_actor(
         )
         .remote(actor_id, env, actors, spec.to_dict(), replay, store)
     )
-
-
-def wait_started(refs: dict[int, Any], timeout: float) -> tuple[list[int], list[int]]:
-    """Which actors answered their `start()` within `timeout` s: (started, still pending)."""
-    deadline = time.monotonic() + timeout
-    pending = dict(refs)
-    started = []
-    while pending and time.monotonic() < deadline:
-        ready, _ = ray.wait(
-            list(pending.values()), num_returns=1, timeout=max(0.0, deadline - time.monotonic())
-        )
-        for ref in ready:
-            actor_id = next(k for k, v in pending.items() if v == ref)
-            ray.get(ref)
-            started.append(actor_id)
-            del pending[actor_id]
-    return started, list(pending)

@@ -1,1 +1,1 @@
-"""The learner: policy networks, estimators, the Learner and the WeightStore."""
+"""The learner: policy networks, estimators, the loss, the Learner and the WeightStore."""

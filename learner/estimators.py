@@ -19,11 +19,12 @@ Conventions, shared by the whole learner:
 - `rho[t, b] = exp(target_logp - behaviour_logp) = pi(a_t | s_t) / mu(a_t | s_t)`, where `pi` is
   the policy being trained and `mu` the (possibly stale) policy that acted.
 - A weight tensor `w` from `pg_weights` defines the gradient estimate
-  `(1/B) * sum_b sum_t w[t, b] * grad log pi(a_tb | s_tb)`, so the learner's surrogate loss is
-  `-(w * target_logp).sum(0).mean()`.
+  `(1/B) * sum_b sum_t w[t, b] * grad log pi(a_tb | s_tb)`, the gradient of the surrogate loss
+  `-(w * target_logp).sum(0).mean()` (the learner divides by the number of real steps instead
+  of B; see `learner/loss.py`).
 
-The derivations are in `seed/policy_gradients.md`; which of the estimators are unbiased, and the
-variance each buys, is shown on an exactly solvable MDP in `tests/test_estimators_statistical.py`.
+Which of the estimators are unbiased, and the variance each buys, is shown on an exactly
+solvable MDP in `tests/test_estimators_statistical.py`.
 """
 
 from __future__ import annotations

@@ -1,28 +1,12 @@
 """The learner: batches in, importance-corrected gradient steps, weights and checkpoints out.
 
-`Learner` consumes an iterator of `replay.trajectory.Batch` and owns no transport (STYLE item
-4): tests feed it a list, `deploy/` feeds it the replay service's batches and passes a `publish`
-callable that puts the weights into the `WeightStore`. `run` overlaps the host-side work (numpy
-to tensors, pinned memory, the host-to-device copy) with the gradient step through one named
-prefetch thread.
-
-The loss, per batch of `[T, B]` steps (`mask` = not an autoreset step, `n = mask.sum()`):
-
-    policy  = -(w * log pi(a_t | s_t) * mask).sum() / n
-    value   = 0.5 * ((vs - V(s_t))**2 * mask).sum() / n
-    entropy = (H(pi(. | s_t)) * mask).sum() / n
-    loss    = policy + value_coef * value - entropy_coef * entropy
-
-with `w` the V-trace policy-gradient advantages (default) or `pg_weights(...)` of another
-estimator with the learned value as baseline, and `vs` the V-trace value targets for every
-estimator. With `policy_clip = e` (APPO's trust region) the policy term is instead
-`-(min(r A, clip(r, 1-e, 1+e) A) * mask).sum() / n`, `r = pi/mu` carrying the gradient and
-`A = r_t + discounts_t vs_{t+1} - V(s_t)`: at `r = 1` its gradient is V-trace's, and a sample
-whose ratio already left the region in the advantage's direction adds nothing. Normalising by
-the number of real steps `n` (instead of the estimators' documented
-`(1/B) sum_t`, i.e. by B) keeps the step size independent of the unroll length T and of how
-many autoreset steps a batch happens to hold; it is the estimators' estimate divided by the
-mean number of real steps per column.
+`Learner` consumes an iterator of `replay.trajectory.Batch` and owns no transport: tests feed it
+a list, `deploy/` feeds it the replay service's batches and passes a `publish` callable that
+puts the weights into the `WeightStore`. `run` overlaps the host-side work (numpy to tensors,
+pinned memory, the host-to-device copy) with the gradient step through one named prefetch
+thread. The loss itself is `learner.loss`: `Learner.step` evaluates the network, takes the
+gradient step, and owns the device, the optimiser, the policy on non-finite steps, publishing
+and checkpoints.
 """
 
 from __future__ import annotations
@@ -33,35 +17,19 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
 from learner import checkpoint
-from learner.estimators import ESTIMATORS, pg_weights, vtrace
+from learner.loss import SURROGATES, importance_stats, loss_terms
+from learner.metrics import StepMetrics, subsample
 from learner.policy import ActorCritic, PolicySpec, make_policy, state_dict_to_numpy
 from learner.prefetch import Prefetcher, TensorBatch, to_tensors
 from replay.trajectory import Batch
 
 log = logging.getLogger(__name__)
-
-#: Most values kept per histogram array in `StepMetrics` (a uniform subsample).
-_HISTOGRAM_MAX = 4096
-
-# Metric tags: one place, used by `StepMetrics.scalars()` and read by `deploy/`'s logger.
-TAG_POLICY_LOSS = "loss/policy"
-TAG_VALUE_LOSS = "loss/value"
-TAG_ENTROPY = "loss/entropy"
-TAG_GRAD_NORM = "learner/grad_norm"
-TAG_LR = "learner/lr"
-TAG_RHO_MEAN = "importance/rho_mean"
-TAG_RHO_CLIPPED = "importance/rho_clipped_frac"
-TAG_ESS = "importance/ess"
-TAG_LAG_MEAN = "staleness/policy_lag_mean"
-TAG_LAG_MAX = "staleness/policy_lag_max"
-TAG_LAG_HIST = "staleness/policy_lag"
-TAG_LOG_RHO_HIST = "importance/log_rho"
 
 
 def _field(default: Any, doc: str) -> Any:
@@ -87,9 +55,7 @@ class LearnerConfig:
     reward_clip: float | None = _field(
         None, "rewards are clipped to [-reward_clip, reward_clip] after scaling (Atari: 1)"
     )
-    estimator: str = _field(
-        "vtrace", f"policy-gradient weights: vtrace or one of {', '.join(ESTIMATORS)}"
-    )
+    estimator: str = _field("vtrace", f"policy-gradient weights: one of {', '.join(SURROGATES)}")
     rho_clip: float | None = _field(
         1.0,
         "V-trace rho-bar (clips the value-target ratios); for the pg_weights estimators the "
@@ -153,7 +119,7 @@ class LearnerConfig:
             positive(name, allow_none=True)
         one_of("optimizer", ("adam", "rmsprop"))
         one_of("lr_schedule", ("constant", "linear"))
-        one_of("estimator", ("vtrace", *ESTIMATORS))
+        one_of("estimator", tuple(SURROGATES))
         one_of("device", ("auto", "cpu", "cuda"))
         at_least("lr_decay_steps", 0)
         if self.lr_schedule == "linear" and self.lr_decay_steps < 1:
@@ -190,103 +156,6 @@ class LearnerConfig:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepMetrics:
-    """What one `Learner.step` measured. Scalars are Python floats (NaN when skipped)."""
-
-    version: int  # learner version after the step
-    loss: float  # the total loss that was differentiated
-    policy_loss: float
-    value_loss: float
-    entropy: float  # mean entropy of pi over real steps (the bonus is entropy_coef * this)
-    grad_norm: float  # global norm before clipping
-    lr: float
-    rho_mean: float  # mean importance ratio pi/mu over real steps
-    rho_clipped_frac: float  # fraction of real steps with rho > rho_clip
-    ess: float  # (sum rho)^2 / (n * sum rho^2): 1 on-policy, -> 1/n when one weight dominates
-    lag_mean: float  # learner version minus the batch's policy_version, per column
-    lag_max: int
-    lag: np.ndarray  # [B] int64 policy lag per column
-    log_rho: np.ndarray  # float32, log rho of real steps (subsampled to <= 4096)
-    samples: int  # real (non-autoreset) steps in the batch
-    skipped: bool  # the loss or gradient was non-finite: no update was made
-
-    def scalars(self) -> dict[str, float]:
-        """Scalar metrics keyed by their TensorBoard tag."""
-        return {
-            TAG_POLICY_LOSS: self.policy_loss,
-            TAG_VALUE_LOSS: self.value_loss,
-            TAG_ENTROPY: self.entropy,
-            TAG_GRAD_NORM: self.grad_norm,
-            TAG_LR: self.lr,
-            TAG_RHO_MEAN: self.rho_mean,
-            TAG_RHO_CLIPPED: self.rho_clipped_frac,
-            TAG_ESS: self.ess,
-            TAG_LAG_MEAN: self.lag_mean,
-            TAG_LAG_MAX: float(self.lag_max),
-        }
-
-    def histograms(self) -> dict[str, np.ndarray]:
-        return {TAG_LAG_HIST: self.lag, TAG_LOG_RHO_HIST: self.log_rho}
-
-
-class LossInputs(NamedTuple):
-    """The estimators' view of a batch: everything `[T, B]` (bootstrap `[B]`), float32."""
-
-    rewards: torch.Tensor
-    discounts: torch.Tensor
-    values: torch.Tensor  # V(obs[t]) for t < T, detached
-    bootstrap_value: torch.Tensor  # [B] V(obs[T]), detached
-    behaviour_logp: torch.Tensor
-    target_logp: torch.Tensor  # detached
-    mask: torch.Tensor  # float 1 for real steps, 0 for autoreset steps
-
-
-def loss_inputs(
-    batch: TensorBatch,
-    target_logp: torch.Tensor,
-    values: torch.Tensor,
-    gamma: float,
-    reward_scale: float = 1.0,
-    reward_clip: float | None = None,
-) -> LossInputs:
-    """THE layout boundary between the trajectory schema and the estimators (STYLE item 8).
-
-    Input: the schema's rows (`obs[t]` acted on at step t, `obs[T]` the bootstrap observation;
-    `terminated/truncated[t]` end the episode at step t; `autoreset[t]` marks the env-reset step
-    after an end) and the network's `target_logp [T, B]` and `values [T+1, B]` (`values[t] =
-    V(obs[t])`). What shifts: the value of the *next* row, `values[t + 1]`, is folded into step
-    t's reward where step t was truncated, and `values[T]` becomes the bootstrap; nothing else
-    moves, every `[T, B]` output stays aligned with step t.
-
-    - `done = terminated | truncated`, `discounts = gamma * (1 - done)`: no return, trace or
-      importance product crosses an episode end.
-    - Truncated steps bootstrap from their real final observation `obs[t + 1]` (Gymnasium's
-      next-step autoreset puts it there): `rewards[t] += gamma * V(obs[t + 1])`, detached.
-      A step both terminated and truncated (a terminal state on the time limit's last step)
-      is terminal: no bootstrap.
-    - Autoreset steps are not transitions: mask 0 in every loss, reward 0, log-rho 0 (rho = 1,
-      so they neither weigh nor cut an importance product), and discount 1 rather than gamma,
-      so the return of the episode that starts after them is not scaled by an extra gamma
-      (the segment estimators' `R` starts at the autoreset step).
-    """
-    values = values.detach().float()
-    target_logp = target_logp.detach().float()
-    real = ~batch.autoreset
-    done = batch.terminated | batch.truncated
-    discounts = torch.where(batch.autoreset, 1.0, gamma * (~done).float())
-    rewards = batch.rewards.float() * reward_scale
-    if reward_clip is not None:
-        rewards = rewards.clamp(-reward_clip, reward_clip)
-    rewards = torch.where(real, rewards, 0.0)
-    bootstrap_here = batch.truncated & ~batch.terminated
-    rewards = rewards + torch.where(bootstrap_here, gamma * values[1:], 0.0)
-    behaviour_logp = torch.where(real, batch.behaviour_logp.float(), target_logp)
-    return LossInputs(
-        rewards, discounts, values[:-1], values[-1], behaviour_logp, target_logp, real.float()
-    )
-
-
 class Learner:
     """Importance-corrected actor-critic learner for one `PolicySpec`.
 
@@ -320,7 +189,7 @@ class Learner:
         self.device = torch.device("cuda" if use_cuda else "cpu")
         if use_cuda:
             # Batch shapes are fixed for a run, so cuDNN autotunes each convolution once and
-            # reuses the choice (on an H100 the gain was within run-to-run noise, 0-30%).
+            # reuses the choice.
             torch.backends.cudnn.benchmark = True
         self.model: ActorCritic = make_policy(spec).to(self.device)
         params = self.model.parameters()
@@ -343,12 +212,63 @@ class Learner:
         return self.config.lr
 
     def step(self, batch: Batch | TensorBatch) -> StepMetrics:
-        """One gradient step on `batch`; see the module docstring for the loss.
+        """One gradient step on `batch`; the loss is `learner.loss.loss_terms`.
 
-        A non-finite loss or gradient norm skips the update (no weights published, no
-        checkpoint written, `version` unchanged); `max_nan_steps` consecutive skips raise
-        `RuntimeError`.
+        A non-finite network output, loss or gradient norm skips the update (no weights
+        published, no checkpoint written, `version` unchanged); `max_nan_steps` consecutive
+        skips raise `RuntimeError`.
         """
+        batch = self._on_device(batch)
+        cfg = self.config
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        ev = self.model.evaluate(batch.obs, batch.actions)
+        terms, inp = loss_terms(ev, batch, cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        # The estimators saw finite stand-ins for the network's outputs (see `loss_terms`).
+        ok = (
+            torch.isfinite(ev.values).all()
+            & torch.isfinite(ev.logp).all()
+            & torch.isfinite(terms.total)
+            & torch.isfinite(grad_norm)
+        )
+        importance = importance_stats(inp, cfg.rho_clip)
+        scalars = {
+            "ok": ok.float(),
+            "loss": terms.total.detach(),
+            "policy_loss": terms.policy.detach(),
+            "value_loss": terms.value.detach(),
+            "entropy": terms.entropy.detach(),
+            "grad_norm": grad_norm.detach().float(),
+            "rho_mean": importance.rho_mean,
+            "rho_clipped_frac": importance.rho_clipped_frac,
+            "ess": importance.ess,
+            "samples": inp.mask.sum(),
+        }
+        # One read-back (one device sync) for all the scalars.
+        stats = dict(zip(scalars, torch.stack(list(scalars.values())).tolist(), strict=True))
+        log_rho = importance.log_rho.cpu().numpy()[inp.mask.cpu().numpy() > 0]
+        skipped = stats.pop("ok") == 0.0
+        samples = int(stats.pop("samples"))
+        lag = self.version - batch.policy_version
+        self._apply(skipped, samples)
+        return StepMetrics(
+            version=self.version,
+            lr=lr,
+            lag_mean=float(lag.mean()),
+            lag_max=int(lag.max()),
+            lag=lag.astype(np.int64),
+            log_rho=subsample(log_rho),
+            samples=samples,
+            skipped=skipped,
+            **stats,
+        )
+
+    def _on_device(self, batch: Batch | TensorBatch) -> TensorBatch:
         if isinstance(batch, Batch):
             batch = to_tensors(batch, self.device, self._copy_stream())
         if self.device.type == "cuda":
@@ -356,99 +276,12 @@ class Learner:
             # are used on this one too, so their memory is not reused before the step is done.
             for tensor in batch[:-1]:
                 tensor.record_stream(torch.cuda.current_stream(self.device))
+        return batch
+
+    def _apply(self, skipped: bool, samples: int) -> None:
+        """Take the optimiser step, publish and checkpoint on their cadence; or, for a skipped
+        step, drop the gradient and count it towards `max_nan_steps`."""
         cfg = self.config
-        lr = self.current_lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-        ev = self.model.evaluate(batch.obs, batch.actions)
-        # The estimators reject NaN inputs with ValueError; a diverged network is instead a
-        # skipped step, so they see finite stand-ins and the flag is checked with the loss.
-        inputs_finite = torch.isfinite(ev.values).all() & torch.isfinite(ev.logp).all()
-        inp = loss_inputs(
-            batch,
-            torch.nan_to_num(ev.logp),
-            torch.nan_to_num(ev.values),
-            cfg.gamma,
-            cfg.reward_scale,
-            cfg.reward_clip,
-        )
-        vt = vtrace(
-            inp.behaviour_logp,
-            inp.target_logp,
-            inp.rewards,
-            inp.values,
-            inp.bootstrap_value,
-            inp.discounts,
-            rho_clip=cfg.rho_clip,
-            c_clip=cfg.c_clip,
-            pg_rho_clip=cfg.pg_rho_clip,
-            lambda_=cfg.vtrace_lambda,
-        )
-        if cfg.policy_clip is not None:
-            # The V-trace advantage before its rho factor: the ratio enters through the
-            # surrogate instead, unclipped inside the trust region and flat outside it.
-            vs_next = torch.cat([vt.vs[1:], inp.bootstrap_value[None]])
-            weights = inp.rewards + inp.discounts * vs_next - inp.values
-        elif cfg.estimator == "vtrace":
-            weights = vt.pg_advantages
-        else:
-            weights = pg_weights(
-                inp.rewards,
-                inp.discounts,
-                inp.bootstrap_value,
-                estimator=cfg.estimator,
-                baseline=inp.values,
-                target_logp=inp.target_logp,
-                behaviour_logp=inp.behaviour_logp,
-                rho_clip=cfg.rho_clip,
-            )
-        mask = inp.mask
-        n = mask.sum().clamp(min=1.0)
-        if cfg.normalize_advantages:
-            # Scale-free policy step (PPO's trick): the weights' masked mean and std over the
-            # batch; it matters for continuous control, whose returns vary over orders of size.
-            mean = (weights * mask).sum() / n
-            std = (((weights - mean) ** 2 * mask).sum() / n).sqrt()
-            weights = (weights - mean) / (std + 1e-8)
-        if cfg.policy_clip is None:
-            surrogate = weights * ev.logp
-        else:
-            ratio = (ev.logp - inp.behaviour_logp).exp()
-            clipped = ratio.clamp(1.0 - cfg.policy_clip, 1.0 + cfg.policy_clip)
-            surrogate = torch.minimum(ratio * weights, clipped * weights)
-        policy_loss = -(surrogate * mask).sum() / n
-        value_loss = 0.5 * ((vt.vs - ev.values[:-1]) ** 2 * mask).sum() / n
-        entropy = (ev.entropy * mask).sum() / n
-        loss = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        ok = inputs_finite & torch.isfinite(loss) & torch.isfinite(grad_norm)
-
-        # Importance statistics over real steps, as masked sums (no data-dependent shapes, so
-        # no device syncs until the single read-back below).
-        log_rho = inp.target_logp - inp.behaviour_logp
-        rho = log_rho.exp() * mask
-        clip = math.inf if cfg.rho_clip is None else cfg.rho_clip
-        scalars = {
-            "ok": ok.float(),
-            "loss": loss.detach(),
-            "policy_loss": policy_loss.detach(),
-            "value_loss": value_loss.detach(),
-            "entropy": entropy.detach(),
-            "grad_norm": grad_norm.detach().float(),
-            "rho_mean": rho.sum() / n,
-            "rho_clipped_frac": ((rho > clip).float() * mask).sum() / n,
-            "ess": rho.sum() ** 2 / (n * (rho**2).sum()).clamp(min=1e-30),
-            "samples": mask.sum(),
-        }
-        stats = dict(zip(scalars, torch.stack(list(scalars.values())).tolist(), strict=True))
-        log_rho_np = log_rho.cpu().numpy()[inp.mask.cpu().numpy() > 0]
-        skipped = stats.pop("ok") == 0.0
-        lag = self.version - batch.policy_version
-        samples = int(stats.pop("samples"))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
             self._consecutive_nan += 1
@@ -461,31 +294,17 @@ class Learner:
                     "checkpoint"
                 )
             log.warning("non-finite loss or gradient at version %d: step skipped", self.version)
-        else:
-            self.optimizer.step()
-            self._consecutive_nan = 0
-            self.version += 1
-            self.counters["learner_samples"] += samples
-            if self.version % cfg.publish_every == 0:
-                self.publish_weights()
-            if self.checkpoint_dir is not None and (
-                time.monotonic() - self._last_checkpoint >= cfg.checkpoint_every
-            ):
-                self.save_checkpoint()
-        if log_rho_np.size > _HISTOGRAM_MAX:
-            idx = np.linspace(0, log_rho_np.size - 1, _HISTOGRAM_MAX).astype(np.int64)
-            log_rho_np = log_rho_np[idx]
-        return StepMetrics(
-            version=self.version,
-            lr=lr,
-            lag_mean=float(lag.mean()),
-            lag_max=int(lag.max()),
-            lag=lag.astype(np.int64),
-            log_rho=log_rho_np,
-            samples=samples,
-            skipped=skipped,
-            **stats,
-        )
+            return
+        self.optimizer.step()
+        self._consecutive_nan = 0
+        self.version += 1
+        self.counters["learner_samples"] += samples
+        if self.version % cfg.publish_every == 0:
+            self.publish_weights()
+        if self.checkpoint_dir is not None and (
+            time.monotonic() - self._last_checkpoint >= cfg.checkpoint_every
+        ):
+            self.save_checkpoint()
 
     def publish_weights(self) -> None:
         """Hand `(version, numpy weights)` to the `publish` callable, if there is one."""

@@ -90,56 +90,6 @@ class PolicySpec:
                     f"{name} has {len(value)} entries, expected action_dim={self.action_dim}"
                 )
 
-    @classmethod
-    def from_spaces(
-        cls,
-        observation_space: Any,
-        action_space: Any,
-        *,
-        network: str | None = None,
-        hidden_sizes: tuple[int, ...] = (64, 64),
-        shared_torso: bool | None = None,
-    ) -> PolicySpec:
-        """Build a spec from Gymnasium single-env spaces (`Box` observations; `Discrete` or 1-D
-        `Box` actions). `network` defaults to `impala_shallow` for 3-D `uint8` observations and
-        `mlp` otherwise."""
-        from gymnasium import spaces
-
-        if not isinstance(observation_space, spaces.Box):
-            raise ValueError(f"observations must be a Box space, got {observation_space}")
-        obs_shape = tuple(observation_space.shape)
-        obs_dtype = np.dtype(observation_space.dtype).name
-        if obs_dtype not in OBS_DTYPES:
-            # Actors cast float64 observations (some custom envs) to float32.
-            if np.issubdtype(observation_space.dtype, np.floating):
-                obs_dtype = "float32"
-            else:
-                raise ValueError(f"observation dtype {obs_dtype} is not float or uint8")
-        if network is None:
-            network = "impala_shallow" if len(obs_shape) == 3 and obs_dtype == "uint8" else "mlp"
-        common = dict(
-            obs_shape=obs_shape,
-            obs_dtype=obs_dtype,
-            network=network,
-            hidden_sizes=tuple(hidden_sizes),
-            shared_torso=shared_torso,
-        )
-        if isinstance(action_space, spaces.Discrete):
-            if int(action_space.start) != 0:
-                raise ValueError(f"Discrete actions must start at 0, got {action_space}")
-            return cls(action_kind="discrete", action_dim=int(action_space.n), **common)
-        if isinstance(action_space, spaces.Box):
-            if len(action_space.shape) != 1:
-                raise ValueError(f"Box actions must be 1-D, got shape {action_space.shape}")
-            return cls(
-                action_kind="continuous",
-                action_dim=int(action_space.shape[0]),
-                action_low=tuple(float(v) for v in action_space.low),
-                action_high=tuple(float(v) for v in action_space.high),
-                **common,
-            )
-        raise ValueError(f"actions must be Discrete or Box, got {action_space}")
-
     def to_dict(self) -> dict[str, Any]:
         """Plain Python containers only (lists, not tuples), safe for `torch.load(weights_only)`
         and any serialiser."""

@@ -7,14 +7,14 @@ import re
 import time
 
 import numpy as np
-import pytest
+import ray
 import torch
 
-from learner.broadcast import WeightStore, fetch_weights, publisher, put_weights
+from deploy.weights import fetch_weights, publisher, put_weights
+from learner.broadcast import WeightStore
 from learner.policy import PolicySpec, load_numpy_state_dict, make_policy, state_dict_to_numpy
 
 torch.set_num_threads(1)
-ray = pytest.importorskip("ray")
 
 SPEC = PolicySpec((4,), "float32", "discrete", 2)
 
@@ -54,11 +54,14 @@ def _plasma_objects() -> int:
 def test_store_keeps_newest_and_ignores_older_versions():
     store = WeightStore()
     assert store.version() == -1 and store.latest() is None
+    assert store.latest_if_newer(-1) is None
     store.publish(3, ["ref3"])
     store.publish(2, ["ref2"])  # late arrival of an older publish
     assert store.version() == 3 and store.latest() == (3, ["ref3"])
     store.publish(4, ["ref4"])
     assert store.latest() == (4, ["ref4"])
+    assert store.latest_if_newer(3) == (4, ["ref4"])
+    assert store.latest_if_newer(4) is None and store.latest_if_newer(9) is None
     assert store.stats() == {"version": 4, "published": 2}
 
 

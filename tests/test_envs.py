@@ -19,6 +19,7 @@ from actors.envs import (
     check_env_id,
     env_seeds,
     make_vec_env,
+    policy_spec,
     probe_spaces,
     seeded_reset,
 )
@@ -157,6 +158,21 @@ def test_probe_spaces():
     assert obs_space.shape == (3,) and act_space.shape == (1,)
     obs_space, act_space = probe_spaces(EnvConfig())
     assert obs_space.shape == (4,) and act_space.n == 2
+
+
+def test_policy_spec_discrete_and_box():
+    spec = policy_spec(*probe_spaces(EnvConfig(id="CartPole-v1")))
+    assert spec.obs_shape == (4,) and spec.obs_dtype == "float32"
+    assert spec.action_kind == "discrete" and spec.action_dim == 2
+    assert spec.network == "mlp" and spec.action_low is None
+
+    spec = policy_spec(*probe_spaces(EnvConfig(id="Pendulum-v1")))
+    assert spec.action_kind == "continuous" and spec.action_dim == 1
+    assert spec.action_low == (-2.0,) and spec.action_high == (2.0,)
+
+    image = gym.spaces.Box(0, 255, (84, 84, 4), np.uint8)
+    spec = policy_spec(image, gym.spaces.Discrete(6))
+    assert spec.network == "impala_shallow" and spec.obs_dtype == "uint8"
 
 
 def test_atari_pong_gets_standard_preprocessing():

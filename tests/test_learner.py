@@ -12,14 +12,11 @@ import pytest
 import torch
 
 from learner.estimators import ESTIMATORS
-from learner.learner import (
-    Learner,
-    LearnerConfig,
-    StepMetrics,
-    loss_inputs,
-    to_tensors,
-)
+from learner.learner import Learner, LearnerConfig
+from learner.loss import loss_inputs
+from learner.metrics import StepMetrics
 from learner.policy import PolicySpec
+from learner.prefetch import to_tensors
 from replay.trajectory import Batch
 
 torch.set_num_threads(1)

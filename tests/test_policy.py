@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -24,28 +23,11 @@ torch.set_num_threads(1)
 
 
 def _cartpole_spec() -> PolicySpec:
-    env = gym.make("CartPole-v1")
-    return PolicySpec.from_spaces(env.observation_space, env.action_space)
+    return PolicySpec((4,), "float32", "discrete", 2)
 
 
 def _pendulum_spec() -> PolicySpec:
-    env = gym.make("Pendulum-v1")
-    return PolicySpec.from_spaces(env.observation_space, env.action_space)
-
-
-def test_from_spaces_discrete_and_box():
-    spec = _cartpole_spec()
-    assert spec.obs_shape == (4,) and spec.obs_dtype == "float32"
-    assert spec.action_kind == "discrete" and spec.action_dim == 2
-    assert spec.network == "mlp" and spec.action_low is None
-
-    spec = _pendulum_spec()
-    assert spec.action_kind == "continuous" and spec.action_dim == 1
-    assert spec.action_low == (-2.0,) and spec.action_high == (2.0,)
-
-    image = gym.spaces.Box(0, 255, (84, 84, 4), np.uint8)
-    spec = PolicySpec.from_spaces(image, gym.spaces.Discrete(6))
-    assert spec.network == "impala_shallow" and spec.obs_dtype == "uint8"
+    return PolicySpec((3,), "float32", "continuous", 1, action_low=(-2.0,), action_high=(2.0,))
 
 
 def test_spec_dict_round_trip_and_validation():

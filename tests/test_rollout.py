@@ -14,7 +14,7 @@ import pytest
 import scripted_env
 import torch
 
-from actors.envs import EnvConfig, env_seeds, probe_spaces
+from actors.envs import EnvConfig, env_seeds, policy_spec, probe_spaces
 from actors.rollout import (
     MAX_CONSECUTIVE_ENV_ERRORS,
     ActorConfig,
@@ -38,7 +38,7 @@ def _no_scripted_failures():
 
 
 def _spec(env_config: EnvConfig) -> PolicySpec:
-    return PolicySpec.from_spaces(*probe_spaces(env_config), hidden_sizes=(16,))
+    return policy_spec(*probe_spaces(env_config), hidden_sizes=(16,))
 
 
 def _weights(spec: PolicySpec, head_bias: list[float] | None = None) -> dict[str, np.ndarray]:
