@@ -2,8 +2,8 @@
 
 `make_vec_env(config, actor_id=...)` turns an `EnvConfig` into a Gymnasium vector env:
 
-- the id's native vector env when it has one (64 CartPoles step ~1.6M/s on one core of the
-  dev machine in `CartPoleVectorEnv`, ~170k/s as 64 copies in a `SyncVectorEnv`);
+- the id's native vector env when it has one (CartPole's steps all copies in one numpy call,
+  far faster than separate copies in a `SyncVectorEnv`; benchmarks/README.md has figures);
 - for `ALE/...` ids (the `atari` extra) the standard Atari preprocessing: frame skip 4 with
   max-pooling of the last two frames, 84x84 grey, up to 30 no-ops after reset, no episode end
   on life loss, 4 stacked frames: `uint8 [4, 84, 84]` observations. ale-py's own C++ vector env

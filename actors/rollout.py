@@ -47,9 +47,6 @@ def _field(default: object, doc: str) -> object:
 class ActorConfig:
     """How each rollout actor collects; one per job, shared by all actors."""
 
-    # 128 x 32 for CartPole: per-step inference overhead dominates, so more envs per call pay
-    # (benchmarks/rollout.py: ~400k env steps/s on one core at 128, ~210k at 64), while a
-    # fragment stays 4096 steps. Atari wants far fewer (a Pong row is 28 KB per env).
     num_envs: int = _field(
         128, "environments per actor, stepped in lockstep with one batched policy call"
     )
@@ -110,7 +107,8 @@ class WeightSource(Protocol):
 
 
 class MemorySink:
-    """A `FragmentSink` keeping the bytes in a list: for tests and the serial mode."""
+    """A `FragmentSink` keeping the bytes in a list: for tests and the in-process wiring
+    (`deploy.inprocess`)."""
 
     def __init__(self) -> None:
         self.items: list[bytes] = []
@@ -444,7 +442,7 @@ class RolloutActor:
         if max_lag is not None:
             latest = self._weights.version()
             if latest - self._version > max_lag:
-                self._wait_for_weights(latest, max_lag)
+                self._wait_for_weights(max_lag)
                 return
         if self._since_sync >= self._config.sync_every:
             self._sync()
@@ -464,7 +462,7 @@ class RolloutActor:
             self._weight_syncs += 1
         return True
 
-    def _wait_for_weights(self, latest: int, max_lag: int) -> None:
+    def _wait_for_weights(self, max_lag: int) -> None:
         """Block until the acting weights are at most `max_lag` versions behind the source."""
         with self._lock:
             self._max_lag_waits += 1

@@ -4,7 +4,7 @@ Each component owns its config class next to its code (`actors.envs.EnvConfig`,
 `actors.rollout.ActorConfig`, `learner.learner.LearnerConfig`, `replay.service.ReplayConfig`);
 this module composes them, loads TOML, applies `--set section.key=value` overrides, and turns
 every problem into a `ConfigError` that names the key, before Ray starts. Field documentation
-lives in each field's `metadata["doc"]` and is what `offpg config --help-fields` prints.
+lives in each field's `metadata["doc"]` and is what `offpg config --keys` prints.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ Layout, for one env column n and a fragment of T steps::
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -265,9 +264,3 @@ class Batch(_TimeMajor):
     @property
     def nbytes(self) -> int:
         return sum(getattr(self, f).nbytes for f in FIELD_NAMES)
-
-
-def fragment_nbytes_estimate(t: int, n: int, obs_shape: Sequence[int], obs_itemsize: int) -> int:
-    """Approximate bytes of a fragment, for sizing capacities in configs and benchmarks."""
-    obs = (t + 1) * n * math.prod(obs_shape) * obs_itemsize
-    return obs + t * n * (8 + 4 + 1 + 1 + 1 + 4)
