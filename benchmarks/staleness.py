@@ -6,13 +6,14 @@
     python benchmarks/staleness.py --env Acrobot-v1 --target -100 --budget 1000000
     python benchmarks/staleness.py --seeds 1 --lags 0 16  # quicker
 
-No Ray and no replay: one `RolloutActor` (its fragments through `MemorySink` and
-`replay.codec.decode`, exactly the bytes a real actor sends) and one `Learner`, in a serial loop.
-Before learner step k the actor is handed the weights the learner published at version
-`max(0, k - lag)` (a deque of published weight dicts), collects one fragment, and the learner
-takes one step on it. So every batch is exactly `lag` versions old (until there are that many
-versions), each fragment is learned from once, and nothing but the forced lag is off-policy; the
-learner's own lag metric is checked against it. Deterministic for a seed (one torch thread).
+No Ray: the job's own classes in one process (`deploy.inprocess.InProcessRun`), one actor and
+a fifo replay queue of batch 1, stepped in turn. The weight store is handed the weights the
+learner published `lag` versions ago (`policy_lag`), so before learner step k the actor syncs to
+version `max(0, k - lag)`, collects one fragment (encoded, inserted into the replay service and
+sampled, exactly the bytes a real actor sends), and the learner takes one step on it. So every
+batch is exactly `lag` versions old (until there are that many versions), each fragment is
+learned from once, and nothing but the forced lag is off-policy; the learner's own lag metric is
+checked against it. Deterministic for a seed (one torch thread).
 
 Estimators (`learner.estimators`): `vtrace`; `vtrace_clip`, V-trace with the learner's
 `policy_clip = 0.2` (APPO's clipped surrogate against the behaviour policy); `first_order_is`,
@@ -31,7 +32,6 @@ env steps, one panel per lag, line = mean over seeds, band = min..max) and
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import math
@@ -80,7 +80,6 @@ LABELS = {
     "per_decision_is": "per-decision IS",
     "reward_to_go": "no correction (reward-to-go)",
 }
-WINDOW = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,95 +96,52 @@ class Job:
     learner: tuple[tuple[str, object], ...] = ()
 
 
-class LaggedWeights:
-    """A `WeightSource` that serves one chosen (version, weights) pair, set before each fragment."""
-
-    def __init__(self) -> None:
-        self._version = -1
-        self._weights: dict[str, np.ndarray] | None = None
-
-    def set(self, version: int, weights: dict[str, np.ndarray]) -> None:
-        self._version, self._weights = version, weights
-
-    def version(self) -> int:
-        return self._version
-
-    def fetch(self, have_version: int):
-        if self._weights is None or self._version == have_version:
-            return None
-        return self._version, self._weights
-
-
 def run(job: Job) -> dict:
     import torch
 
-    from actors.envs import EnvConfig, policy_spec, probe_spaces
-    from actors.rollout import ActorConfig, MemorySink, RolloutActor
-    from learner.learner import Learner, LearnerConfig
-    from replay.codec import decode
-    from replay.trajectory import Batch
+    from actors.envs import EnvConfig
+    from actors.rollout import ActorConfig
+    from deploy.config import JobConfig, RunConfig
+    from deploy.inprocess import InProcessRun
+    from learner.learner import LearnerConfig
+    from replay.service import ReplayConfig
 
     torch.set_num_threads(1)
-    torch.manual_seed(job.seed)
-    env_config = EnvConfig(id=job.env, seed=job.seed * 7919)
-    spec = policy_spec(*probe_spaces(env_config))
-    published: collections.deque[tuple[int, dict[str, np.ndarray]]] = collections.deque(
-        maxlen=job.lag + 1
+    learner = {
+        "lr": job.lr,
+        "batch_size": 1,
+        "device": "cpu",
+        "torch_threads": 1,
+        **dict(job.learner),
+        **VARIANTS.get(job.estimator, {"estimator": job.estimator}),
+    }
+    config = JobConfig(
+        run=RunConfig(num_actors=1),
+        env=EnvConfig(id=job.env, seed=job.seed * 7919),
+        actors=ActorConfig(num_envs=job.num_envs, unroll_length=job.unroll),
+        learner=LearnerConfig(**learner),
+        replay=ReplayConfig.fifo_queue(),
     )
-    learner = Learner(
-        spec,
-        LearnerConfig(
-            **{
-                "lr": job.lr,
-                "device": "cpu",
-                "torch_threads": 1,
-                "prefetch": 1,
-                **dict(job.learner),
-                **VARIANTS.get(job.estimator, {"estimator": job.estimator}),
-            }
-        ),
-        publish=lambda version, weights: published.append((version, weights)),
-    )
-    learner.publish_weights()
-    source = LaggedWeights()
-    source.set(*published[0])
-    sink = MemorySink()
-    actor = RolloutActor(
-        0,
-        env_config,
-        ActorConfig(num_envs=job.num_envs, unroll_length=job.unroll),
-        spec,
-        sink=sink,
-        weights=source,
-    )
-    returns: collections.deque[float] = collections.deque(maxlen=WINDOW)
-    curve_steps, curve_returns = [], []
-    env_steps, solved_at = 0, None
-    started = time.perf_counter()
-    while env_steps < job.budget:
-        # published[0] is the oldest kept: version max(0, learner.version - lag).
-        source.set(*published[0])
-        actor.collect()
-        fragment = decode(sink.items.pop())
-        metrics = learner.step(Batch.stack([fragment]))
+
+    def check_lag(metrics) -> None:
         if not metrics.skipped and metrics.lag_max != min(job.lag, metrics.version - 1):
             raise AssertionError(f"lag {metrics.lag_max}, forced {job.lag}")
-        env_steps += fragment.rewards.size
-        returns.extend(float(r) for r in fragment.episode_returns)
-        if len(returns) >= 10:
-            curve_steps.append(env_steps)
-            curve_returns.append(float(np.mean(returns)))
-        if len(returns) == WINDOW and np.mean(returns) >= job.target:
-            solved_at = env_steps
-            break
-    actor.close()
+
+    started = time.perf_counter()
+    wiring = InProcessRun(config, seed=job.seed, policy_lag=job.lag)
+    try:
+        result = wiring.run(job.budget, job.target, on_step=check_lag)
+    finally:
+        wiring.close()
+    steps = [point[0] for point in result.curve]
+    returns = [point[1] for point in result.curve]
     return {
         **dataclasses.asdict(job),
-        "solved_at": solved_at,
-        "env_steps": env_steps,
+        "solved_at": result.solved_at,
+        "env_steps": result.env_steps,
         "seconds": time.perf_counter() - started,
-        "steps": curve_steps[::4] + curve_steps[-1:],
-        "returns": curve_returns[::4] + curve_returns[-1:],
+        "steps": steps[::4] + steps[-1:],
+        "returns": returns[::4] + returns[-1:],
     }
 
 

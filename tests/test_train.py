@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -73,21 +72,6 @@ def test_cartpole_reaches_475_within_budget(local_ray, tmp_path):
     summary = train(config)
     assert summary.solved, summary.line()
     assert summary.return_mean >= 475
-
-
-@pytest.mark.slow
-def test_cartpole_with_forced_lag_is_solved_by_vtrace(local_ray, tmp_path):
-    """`sync_every` makes actors act on weights ~20 learner versions old; V-trace copes."""
-    config = load_config(
-        Path(__file__).parent.parent / "deploy" / "configs" / "cartpole_stale.toml",
-        ["run.max_env_steps=6000000"],
-        extra={"run.logdir": str(tmp_path), "run.name": "stale"},
-    )
-    summary = train(config)
-    events = read_events(summary.run_dir)
-    lags = [e.value for e in events.Scalars(tags.LAG_MEAN)]
-    assert np.median(lags) >= 10, f"the forced lag was not forced: {lags}"
-    assert summary.solved, summary.line()
 
 
 @pytest.mark.slow
