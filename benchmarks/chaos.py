@@ -29,7 +29,7 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deploy.config import load_config
-from deploy.job import RETURN_WINDOW, Job, train
+from deploy.job import Job, train
 
 TARGET = 475.0
 
@@ -51,8 +51,7 @@ class Monkey:
     def __call__(self, job: Job) -> bool:
         now = time.monotonic()
         self._check_recoveries(job, now)
-        mean = sum(job.returns) / len(job.returns) if job.returns else float("-inf")
-        if self.reached is None and len(job.returns) >= RETURN_WINDOW and mean >= TARGET:
+        if self.reached is None and job.fleet.episodes.reached(TARGET):
             self.reached = (job.env_steps, now - self.start)
             print(f"\nchaos: target {TARGET:g} reached at {job.env_steps:,} env steps", flush=True)
         if now >= self.next_fault:
@@ -62,9 +61,9 @@ class Monkey:
 
     def _counter(self, job: Job, kind: str) -> int:
         return {
-            "actor": job.restarts,
-            "replay": job.replay_restarts,
-            "learner": job.learner_restarts,
+            "actor": job.fleet.restarts,
+            "replay": job.faults.replay_restarts,
+            "learner": job.faults.learner_restarts,
         }[kind.split()[0]]
 
     def _inject(self, job: Job, now: float) -> None:
@@ -100,7 +99,7 @@ class Monkey:
         for kind, before, when in self.waiting:
             done = self._counter(job, kind) > before
             if kind.startswith("actor"):
-                done = done and len(job.topology.actors) == self.num_actors and not job.pending
+                done = done and job.fleet.size == self.num_actors and not job.fleet.pending
             if done:
                 self.recovered.append((kind, now - when))
             else:

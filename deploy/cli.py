@@ -227,9 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return launch.logs(args.run, address=args.address, follow_logs=args.follow)
     if args.command in ("scale", "status", "stop"):
-        from deploy import control
+        from deploy import commands
 
-        return control.run_command(args.command, args)
+        return commands.run_command(args.command, args)
     if args.command == "tensorboard":
         return _tensorboard(args.run_dir, args.port)
     if args.command == "plot":

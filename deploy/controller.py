@@ -8,7 +8,9 @@ any process that can join the cluster (`--address HOST:6379`, `ray://HOST:10001`
 cluster) and changes only those two values; the driver applies them on its next poll. The
 controller never calls the job, so a stuck command can never stall training.
 
-`Controller` is a plain class; `deploy.topology.start_controller` makes it a Ray actor.
+`Controller` is a plain class; `deploy.topology.start_controller` makes it a Ray actor. The
+client helpers at the end are what `deploy.commands` (the `offpg scale | status | stop`
+commands) calls it with.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class Controller:
             return dict(self._final)
 
 
-# -- client helpers (used by the CLI) ----------------------------------------------------------
+# -- client helpers (used by deploy.commands) --------------------------------------------------
 
 
 class RunNotFound(LookupError):

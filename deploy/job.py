@@ -2,18 +2,17 @@
 
 `train(config)` is what `offpg train` runs. It starts an embedded Ray (or connects to
 `run.address`), wires the replay service, weight store, learner and rollout actors
-(`deploy.topology`), and then, every `run.log_every` seconds, polls them, writes TensorBoard
-points, prints a progress line, restarts dead actors, and checks the stop conditions: the step
-budget, the target return, Ctrl-C, or a learner failure. Every exit path stops the actors (their
-last fragment is sent), writes the learner's final checkpoint and a replay snapshot, flushes the
-logs and shuts Ray down.
+(`deploy.topology`), and then, every `run.log_every` seconds, polls them (`deploy.fleet`
+restarts dead actors), records the poll (`deploy.report`: TensorBoard points, progress line,
+status), obeys the orders of `offpg scale | stop` (`deploy.controller`), and checks the stop
+rules: the step budget or the target return. Ctrl-C and a learner failure stop it too. Every
+exit path stops the actors (their last fragment is sent), writes the learner's final checkpoint
+and a replay snapshot, flushes the logs and shuts down the Ray it started.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -25,66 +24,17 @@ from typing import Any
 import ray
 
 from actors.envs import policy_spec, probe_spaces
-from deploy import metrics as tags
-from deploy import topology
-from deploy.config import ConfigError, JobConfig
+from deploy import report, topology
+from deploy.config import ConfigError, JobConfig, RunConfig
 from deploy.controller import Orders
+from deploy.fleet import Fleet
+from deploy.report import Reporter, RunSummary, Stop
 
-#: Episodes the target return is averaged over (CartPole-v1's "solved" definition).
-RETURN_WINDOW = 100
-#: Seconds to wait for actors to start before saying they are pending, and why.
-PENDING_NOTICE_S = 10.0
-#: Seconds a pending actor (maybe never scheduled) gets to stop before it is killed.
-PENDING_STOP_S = 2.0
 #: Seconds the learner may stay unreachable (Ray restarting it) before the run fails.
 LEARNER_RESTART_TIMEOUT_S = 180.0
 #: Between the full polls (every `run.log_every` s), the actors' episode returns are read this
 #: often to see the target return: a solved run ends within ~0.25 s, not up to `log_every`.
 SOLVE_CHECK_S = 0.25
-
-
-@dataclasses.dataclass
-class RunSummary:
-    """What a finished run reports (also printed at the end)."""
-
-    run_dir: str
-    env_steps: int
-    wall_s: float
-    learner_version: int
-    episodes: int
-    return_mean: float
-    solved: bool
-    solved_at_env_steps: int | None
-    solved_at_s: float | None
-    stop_reason: str
-    checkpoint: str | None
-    actor_restarts: int
-    ok: bool = True
-    replay_restarts: int = 0
-    learner_restarts: int = 0
-    lost_fragments: int = 0
-
-    def line(self) -> str:
-        solved = (
-            f"solved at {self.solved_at_env_steps:,} env steps / {self.solved_at_s:.1f} s"
-            if self.solved
-            else "not solved"
-        )
-        return (
-            f"offpg: {self.stop_reason}: {self.env_steps:,} env steps in {self.wall_s:.1f} s "
-            f"({self.env_steps / max(self.wall_s, 1e-9):,.0f}/s), learner v{self.learner_version}"
-            f", mean return {self.return_mean:.1f} over {min(self.episodes, RETURN_WINDOW)} "
-            f"episodes, {solved}; logs in {self.run_dir}" + self._faults()
-        )
-
-    def _faults(self) -> str:
-        if not (self.actor_restarts or self.replay_restarts or self.learner_restarts):
-            return ""
-        return (
-            f"; recovered from {self.actor_restarts} actor, {self.replay_restarts} replay "
-            f"({self.lost_fragments} fragments lost) and {self.learner_restarts} learner "
-            "restart(s)"
-        )
 
 
 def run_name(config: JobConfig) -> str:
@@ -106,28 +56,20 @@ def ray_cpus(config: JobConfig) -> int:
     return max(need, os.cpu_count() or 1)
 
 
-class Progress:
-    """One live status line on a terminal, plain lines otherwise."""
+@dataclasses.dataclass
+class Faults:
+    """Restarts of the replay service and of the learner that the driver recovered from."""
 
-    def __init__(self, stream: Any = sys.stdout):
-        self._stream = stream
-        self._tty = stream.isatty()
-
-    def show(self, text: str) -> None:
-        if self._tty:
-            self._stream.write("\r\x1b[2K" + text)
-        else:
-            self._stream.write(text + "\n")
-        self._stream.flush()
-
-    def done(self) -> None:
-        if self._tty:
-            self._stream.write("\n")
-            self._stream.flush()
+    replay_restarts: int = 0
+    #: Acknowledged inserts the restarted replay services had no record of (see `check_replay`).
+    lost_fragments: int = 0
+    learner_restarts: int = 0
+    #: (checkpoint version restored, version continued as) of each learner restart.
+    learner_restores: list[tuple[int | None, int]] = dataclasses.field(default_factory=list)
 
 
 class Job:
-    """A running training job: its Ray actors, counters and logs."""
+    """A training job: its run directory, its Ray actors, and the faults it recovered from."""
 
     def __init__(self, config: JobConfig):
         self.config = config
@@ -145,35 +87,19 @@ class Job:
         self.spec = policy_spec(
             obs_space, action_space, network=network, hidden_sizes=config.policy.hidden_sizes
         )
-        self.returns: collections.deque[float] = collections.deque(maxlen=RETURN_WINDOW)
-        self.lengths: collections.deque[float] = collections.deque(maxlen=RETURN_WINDOW)
-        self.episodes = 0
-        self.env_steps_base = 0  # steps of actors that were restarted or removed
-        self.actor_steps: dict[int, int] = {}
-        self.restarts = 0
-        self.actor_env_errors: dict[int, int] = {}
-        self.env_errors_base = 0
-        self.pending: list[int] = []
         self.topology: topology.Topology | None = None
-        self.version = 0
+        self.fleet: Fleet | None = None
         self.controller: Any = None  # the run's named controller (deploy.controller)
         self.placement: dict[str, Any] = {}
-        self.actor_nodes: dict[int, str] = {}
-        # Faults recovered. `inserted` is what the actors were told was inserted (acknowledged);
-        # against the replay service's own `inserted` counter (restored from its snapshot when
-        # Ray restarts it) it gives the fragments a restart lost, see `check_replay`.
-        self.actor_inserted: dict[int, int] = {}
-        self.actor_invalid: dict[int, int] = {}
-        self.inserted_base = 0
-        self.invalid_base = 0
-        self.replay_restarts = 0
-        self.lost_fragments = 0
-        self.learner_restarts = 0
+        self.version = 0  # the learner's, at the last poll
+        self.faults = Faults()
         self._replay_incarnation: str | None = None
         self._lost_baseline = 0
         self._learner_down_since: float | None = None
-        self.learner_restores: list[tuple[int | None, int]] = []  # (checkpoint, new version)
-        self.actor_versions: dict[int, int] = {}  # policy version each actor acts with
+
+    @property
+    def env_steps(self) -> int:
+        return self.fleet.env_steps if self.fleet is not None else 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -185,6 +111,23 @@ class Job:
             self.controller = topology.start_controller(self.name, cfg.run.num_actors)
         except ValueError:
             raise ConfigError("run.name", f"a run named {self.name!r} is already running") from None
+        info = self._start_learner_and_replay()
+        self.version = info["version"]
+        restored_steps = info["counters"].get("env_steps", 0) if info["restored"] is not None else 0
+        self.fleet = Fleet(self.topology, cfg.env, cfg.actors, self.spec, int(restored_steps))
+        replay_stats = self.poll_replay()
+        if replay_stats["restored_fragments"] or replay_stats["restore_error"]:
+            print(
+                f"offpg: replay service restored {replay_stats['restored_fragments']} fragments "
+                f"from {self.snapshot_path}"
+                + (f" ({replay_stats['restore_error']})" if replay_stats["restore_error"] else ""),
+                flush=True,
+            )
+        self.fleet.scale(cfg.run.num_actors)
+
+    def _start_learner_and_replay(self) -> dict[str, Any]:
+        """Start the weight store, learner and replay service; the learner's `start()` answer."""
+        cfg = self.config
         # The replay service snapshots into the run directory (periodically when
         # replay.snapshot_every is set, and at the end); a resumed run restores from there.
         replay_cfg = dataclasses.replace(cfg.replay, snapshot_path=str(self.snapshot_path))
@@ -203,131 +146,14 @@ class Job:
             "learner_node": learner_node,
             "replay_node": ray.get(replay.node_id.remote(), timeout=topology.CALL_TIMEOUT),
         }
-        self.version = info["version"]
-        if info["restored"] is not None:
-            self.env_steps_base = int(info["counters"].get("env_steps", 0))
         self.topology = topology.Topology(replay, store, learner, {}, info["device"])
-        replay_stats = ray.get(replay.stats.remote(), timeout=topology.CALL_TIMEOUT)
-        self.check_replay(replay_stats)
-        if replay_stats["restored_fragments"] or replay_stats["restore_error"]:
-            print(
-                f"offpg: replay service restored {replay_stats['restored_fragments']} fragments "
-                f"from {self.snapshot_path}"
-                + (f" ({replay_stats['restore_error']})" if replay_stats["restore_error"] else ""),
-                flush=True,
-            )
-        self.scale(cfg.run.num_actors)
+        return info
 
-    def scale(self, num_actors: int) -> None:
-        """Grow or shrink the actor fleet; removed actors send their last fragment first."""
-        topo = self.topology
-        assert topo is not None
-        # Pending actors (never scheduled, or not yet answering) go first, newest first.
-        victims = sorted(topo.actors, key=lambda a: (a in self.pending, a), reverse=True)
-        for actor_id in victims[: max(len(topo.actors) - num_actors, 0)]:
-            self._retire(actor_id, topo.actors.pop(actor_id))
-        new = {}
-        next_id = max([*topo.actors, *self.actor_steps, -1]) + 1
-        while len(topo.actors) + len(new) < num_actors:
-            handle = self._spawn(next_id)
-            new[next_id] = handle
-            next_id += 1
-        topo.actors.update(new)
-        self.pending.extend(new)
-
-    def _spawn(self, actor_id: int) -> Any:
-        cfg = self.config
-        handle = topology.start_actor(
-            actor_id, cfg.env, cfg.actors, self.spec, self.topology.replay, self.topology.store
-        )
-        handle.start.remote()
-        return handle
-
-    def _retire(self, actor_id: int, handle: Any) -> None:
-        # A pending actor may never have been scheduled: it holds no data, so it does not get
-        # the full timeout to answer (that would stall the driver for every one of them).
-        pending = actor_id in self.pending
-        timeout = PENDING_STOP_S if pending else topology.CALL_TIMEOUT
-        try:
-            final = ray.get(handle.stop.remote(), timeout=timeout)
-            self._absorb(actor_id, final)
-        except (ray.exceptions.RayError, TimeoutError):
-            pass
-        if pending:
-            self.pending.remove(actor_id)
-        self.actor_nodes.pop(actor_id, None)
-        self._forget(actor_id)
-        ray.kill(handle, no_restart=True)
-
-    def _absorb(self, actor_id: int, stats: dict) -> None:
-        self.actor_steps[actor_id] = int(stats["env_steps"])
-        self.returns.extend(float(r) for r in stats["episode_returns"])
-        self.lengths.extend(float(n) for n in stats["episode_lengths"])
-        self.episodes += len(stats["episode_returns"])
-        self.actor_env_errors[actor_id] = int(stats["env_errors"])
-        self.actor_inserted[actor_id] = int(stats.get("inserted", 0))
-        self.actor_invalid[actor_id] = int(stats.get("invalid_fragments", 0))
-        self.actor_versions[actor_id] = int(stats["policy_version"])
-
-    @property
-    def env_steps(self) -> int:
-        return self.env_steps_base + sum(self.actor_steps.values())
-
-    @property
-    def env_errors(self) -> int:
-        return self.env_errors_base + sum(self.actor_env_errors.values())
-
-    @property
-    def inserted(self) -> int:
-        """Fragments the replay service acknowledged to this driver's actors."""
-        return self.inserted_base + sum(self.actor_inserted.values())
-
-    @property
-    def invalid_fragments(self) -> int:
-        return self.invalid_base + sum(self.actor_invalid.values())
-
-    def _forget(self, actor_id: int) -> None:
-        """Move a removed actor's counters into the bases, so totals never go backwards."""
-        self.env_steps_base += self.actor_steps.pop(actor_id, 0)
-        self.env_errors_base += self.actor_env_errors.pop(actor_id, 0)
-        self.inserted_base += self.actor_inserted.pop(actor_id, 0)
-        self.invalid_base += self.actor_invalid.pop(actor_id, 0)
-        self.actor_versions.pop(actor_id, None)
-
-    def poll_actors(self) -> None:
-        """Collect actor stats; restart actors that died; note the ones still pending."""
-        topo = self.topology
-        refs = {actor_id: h.stats.remote() for actor_id, h in topo.actors.items()}
-        # One short wait for all of them, so many pending actors cost 0.5 s, not 0.5 s each.
-        ray.wait(list(refs.values()), num_returns=len(refs), timeout=0.5)
-        for actor_id, ref in refs.items():
-            try:
-                ready, _ = ray.wait([ref], timeout=0.5 if actor_id in self.pending else 10.0)
-                if not ready:
-                    continue  # still being scheduled or constructed
-                stats = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                self._restart(actor_id)
-                continue
-            if actor_id in self.pending:
-                self.pending.remove(actor_id)
-            self._absorb(actor_id, stats)
-            self.actor_nodes[actor_id] = stats.get("node_id", "")
-            if not stats["alive"]:
-                print(
-                    f"\noffpg: actor {actor_id} stopped: {stats['error']}; restarting",
-                    file=sys.stderr,
-                )
-                self._restart(actor_id)
-
-    def _restart(self, actor_id: int) -> None:
-        topo = self.topology
-        old = topo.actors.pop(actor_id)
-        ray.kill(old, no_restart=True)
-        self._forget(actor_id)
-        self.restarts += 1
-        topo.actors[actor_id] = self._spawn(actor_id)
-        self.pending.append(actor_id)
+    def poll_replay(self) -> dict[str, Any]:
+        """The replay service's stats, after counting a restart of it (`check_replay`)."""
+        stats = ray.get(self.topology.replay.stats.remote(), timeout=topology.CALL_TIMEOUT)
+        self.check_replay(stats)
+        return stats
 
     def check_replay(self, stats: dict[str, Any]) -> None:
         """Count a restart of the replay service (a new `incarnation`) and what it lost.
@@ -340,17 +166,17 @@ class Job:
         the loss of a restart is how much the offset grew across the poll that saw it; exact
         up to the inserts in flight then (at most actors x `actors.max_inflight`).
         """
-        offset = self.inserted - int(stats["inserted"])
+        offset = self.fleet.total().inserted - int(stats["inserted"])
         if (
             self._replay_incarnation is not None
             and stats["incarnation"] != self._replay_incarnation
         ):
             lost = max(0, offset - self._lost_baseline)
-            self.replay_restarts += 1
-            self.lost_fragments += lost
+            self.faults.replay_restarts += 1
+            self.faults.lost_fragments += lost
             error = f"; {stats['restore_error']}" if stats.get("restore_error") else ""
             print(
-                f"\noffpg: replay service restarted ({self.replay_restarts}): restored "
+                f"\noffpg: replay service restarted ({self.faults.replay_restarts}): restored "
                 f"{stats['restored_fragments']} fragments from its snapshot, {lost} acknowledged "
                 f"fragment(s) lost{error}",
                 file=sys.stderr,
@@ -365,11 +191,10 @@ class Job:
         here it gets the replay service again and starts stepping, and the restart is counted.
         Raises RuntimeError when it stays unreachable for `LEARNER_RESTART_TIMEOUT_S`.
         """
-        topo = self.topology
+        learner = self.topology.learner
         try:
             out = ray.get(
-                topo.learner.drain.remote({"env_steps": self.env_steps}),
-                timeout=topology.CALL_TIMEOUT,
+                learner.drain.remote({"env_steps": self.env_steps}), timeout=topology.CALL_TIMEOUT
             )
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
             now = time.monotonic()
@@ -382,18 +207,23 @@ class Job:
                 ) from exc
             return None
         if not out["started"]:
-            ray.get(topo.learner.attach_replay.remote(topo.replay), timeout=topology.CALL_TIMEOUT)
-            info = ray.get(topo.learner.start.remote(), timeout=topology.CALL_TIMEOUT * 5)
-            self.learner_restarts += 1
-            self.learner_restores.append((info["restored"], info["version"]))
-            print(
-                f"\noffpg: learner restarted ({self.learner_restarts}) from checkpoint version "
-                f"{info['restored']}, continuing as v{info['version']}",
-                file=sys.stderr,
-            )
-            out["version"] = info["version"]
+            out["version"] = self._restart_learner()
         self._learner_down_since = None
         return out
+
+    def _restart_learner(self) -> int:
+        """Attach the replay service to a learner Ray restarted and start it; its new version."""
+        learner = self.topology.learner
+        ray.get(learner.attach_replay.remote(self.topology.replay), timeout=topology.CALL_TIMEOUT)
+        info = ray.get(learner.start.remote(), timeout=topology.CALL_TIMEOUT * 5)
+        self.faults.learner_restarts += 1
+        self.faults.learner_restores.append((info["restored"], info["version"]))
+        print(
+            f"\noffpg: learner restarted ({self.faults.learner_restarts}) from checkpoint version "
+            f"{info['restored']}, continuing as v{info['version']}",
+            file=sys.stderr,
+        )
+        return info["version"]
 
     def publish(self, status: dict[str, Any]) -> Orders | None:
         """Publish this poll's status to the run's controller; return what the user asked for
@@ -404,297 +234,146 @@ class Job:
             print(f"\noffpg: controller unreachable: {exc}", file=sys.stderr)
             return None
 
-    def status(self, **interval: Any) -> dict[str, Any]:
-        """What `offpg status` shows: the job's counters plus this poll's `interval` values."""
-        topo = self.topology
-        nodes = collections.Counter(self.actor_nodes.values())
-        return {
-            "run": self.name,
-            "state": "running",
-            "env_id": self.config.env.id,
-            "actors": {
-                "running": len(topo.actors) - len(self.pending),
-                "pending": len(self.pending),
-                "restarted": self.restarts,
-                "ids": sorted(topo.actors),
-                "pending_ids": sorted(self.pending),
-                "num_cpus_each": self.config.actors.num_cpus,
-                "num_envs_each": self.config.actors.num_envs,
-                "by_node": dict(nodes),
-            },
-            "env_steps": self.env_steps,
-            "env_errors": self.env_errors,
-            "episodes": self.episodes,
-            "learner": {"version": self.version, "device": topo.learner_device},
-            "placement": self.placement,
-            "cluster": {
-                "cpus_free": ray.available_resources().get("CPU", 0.0),
-                "cpus_total": ray.cluster_resources().get("CPU", 0.0),
-            },
-            "run_dir": str(self.run_dir.resolve()),
-            "tensorboard": f"offpg tensorboard {self.run_dir.resolve()}",
-            "updated_at": time.time(),
-            **interval,
-        }
-
     def stop(self) -> dict:
         """Stop actors (last fragments sent), then the learner (final checkpoint), snapshot."""
-        topo = self.topology
-        for actor_id in sorted(topo.actors):
-            self._retire(actor_id, topo.actors.pop(actor_id))
+        if self.fleet is not None:
+            self.fleet.stop()
+        learner = self.topology.learner
+        counters = {"env_steps": self.env_steps}
         try:
-            final = ray.get(
-                topo.learner.stop.remote({"env_steps": self.env_steps}),
-                timeout=topology.CALL_TIMEOUT * 2,
-            )
+            final = ray.get(learner.stop.remote(counters), timeout=topology.CALL_TIMEOUT * 2)
         except ray.exceptions.RayActorError:
             # Killed just now: Ray restarts it from its checkpoint; that one writes the last.
-            final = ray.get(
-                topo.learner.stop.remote({"env_steps": self.env_steps}),
-                timeout=topology.CALL_TIMEOUT * 2,
-            )
-        ray.get(topo.replay.snapshot.remote(str(self.snapshot_path)), timeout=topology.CALL_TIMEOUT)
+            final = ray.get(learner.stop.remote(counters), timeout=topology.CALL_TIMEOUT * 2)
+        ray.get(
+            self.topology.replay.snapshot.remote(str(self.snapshot_path)),
+            timeout=topology.CALL_TIMEOUT,
+        )
         return final
 
-
-def _solved(job: Job, target: float | None) -> bool:
-    returns = job.returns
-    return (
-        target is not None
-        and len(returns) >= RETURN_WINDOW
-        and sum(returns) / len(returns) >= target
-    )
-
-
-def _wait_for_poll(job: Job, config: JobConfig) -> None:
-    """Sleep until the next full poll, `run.log_every` s; earlier once the target is reached."""
-    target = config.run.target_return
-    deadline = time.monotonic() + config.run.log_every
-    if target is None:
-        time.sleep(config.run.log_every)
-        return
-    while (remaining := deadline - time.monotonic()) > 0:
-        time.sleep(min(remaining, SOLVE_CHECK_S))
-        if time.monotonic() < deadline:
-            job.poll_actors()
-            if _solved(job, target):
-                return
+    def finish_controller(self, reason: str, final: dict) -> None:
+        """Tell whoever waits in `offpg stop` how the run ended, then end the controller."""
+        try:
+            ray.get(
+                self.controller.publish.remote(report.stopped_status(self, reason, final)),
+                timeout=5.0,
+            )
+            # Give `offpg stop` (blocked in wait_stopped) a moment to receive its answer.
+            time.sleep(0.5)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass
+        ray.kill(self.controller, no_restart=True)
 
 
-def _replay_status(now: dict, before: dict | None, seconds: float) -> dict[str, Any]:
-    """Replay size and insert/sample rates (per second) since the last poll."""
-    rates = {}
-    for key in ("inserted", "sampled", "evicted", "dropped_stale"):
-        if before is not None and seconds > 0:
-            rates[f"{key}_per_s"] = (now[key] - before[key]) / seconds
-    return {
-        "size_fragments": now["size_fragments"],
-        "size_bytes": now["size_bytes"],
-        "inserted": now["inserted"],
-        "sampled": now["sampled"],
-        "rejected": sum(now["rejected"].values()),
-        **rates,
-    }
+#: A hook run after every poll of `train`; a true result stops the run.
+OnPoll = Callable[[Job], bool | None]
 
 
-def _finish_controller(job: Job, reason: str, final: dict) -> None:
-    """Tell whoever waits in `offpg stop` how the run ended, then end the controller."""
-    status = {
-        "run": job.name,
-        "state": "stopped",
-        "stop_reason": reason,
-        "env_steps": job.env_steps,
-        "learner": {"version": int(final.get("version", job.version))},
-        "last_checkpoint": final.get("checkpoint"),
-        "run_dir": str(job.run_dir.resolve()),
-    }
-    try:
-        ray.get(job.controller.publish.remote(status), timeout=5.0)
-        # Give `offpg stop` (blocked in wait_stopped) a moment to receive its answer.
-        time.sleep(0.5)
-    except (ray.exceptions.RayError, TimeoutError):
-        pass
-    ray.kill(job.controller, no_restart=True)
-
-
-def train(config: JobConfig, on_poll: Callable[[Job], bool | None] | None = None) -> RunSummary:
+def train(config: JobConfig, on_poll: OnPoll | None = None) -> RunSummary:
     """Run a training job to its budget, its target or Ctrl-C; see the module docstring.
 
     `on_poll(job)`, when given, runs after every poll (fault-injection tests and
     `benchmarks/chaos.py` kill components from it); a true result stops the run.
     """
     job = Job(config)
-    # A Ray this process already runs (a notebook, a test session) is used as it is and left
-    # running; otherwise the job starts (or connects to) its own and shuts it down at the end.
-    owns_ray = not ray.is_initialized()
-    # A job submitted to a cluster (`offpg launch`, `ray job submit`, a KubeRay RayJob) finds
-    # the cluster in RAY_ADDRESS.
-    address = config.run.address or os.environ.get("RAY_ADDRESS", "")
-    if owns_ray and address:
-        ray.init(address=address, log_to_driver=True)
-    elif owns_ray:
-        ray.init(num_cpus=ray_cpus(config), include_dashboard=False, log_to_driver=True)
-    writer = None
-    progress = Progress()
-    start = time.monotonic()
-    reason = "stopped"
-    ok = True
-    solved_at: tuple[int, float] | None = None
-    last_steps, last_time = 0, start
+    owns_ray = _init_ray(config)
+    started_at = time.monotonic()
+    reporter: Reporter | None = None
+    stop = Stop("stopped")
     final: dict = {}
     try:
         job.start()
-        writer = tags.MetricsWriter(str(job.run_dir), purge_step=job.env_steps or None)
-        writer.write_config(config.to_dict(), config.to_toml())
-        print(
-            f"offpg: run {job.name}: {config.env.id}, {config.run.num_actors} actor(s) x "
-            f"{config.actors.num_envs} envs, learner on {job.topology.learner_device}; "
-            f"TensorBoard: offpg tensorboard {job.run_dir}",
-            flush=True,
-        )
-        last_steps = job.env_steps
-        pending_since = time.monotonic()
-        last_replay, last_time_replay = None, time.monotonic()
-        last_written = -1
-        while True:
-            _wait_for_poll(job, config)
-            job.poll_actors()
-            learner = job.drain_learner()
-            if learner is None:  # being restarted by Ray
-                continue
-            if learner["error"]:
-                reason, ok = f"learner failed: {learner['error']}", False
-                break
-            job.version = learner["version"]
-            replay = ray.get(job.topology.replay.stats.remote(), timeout=topology.CALL_TIMEOUT)
-            job.check_replay(replay)
-            now = time.monotonic()
-            steps = job.env_steps
-            rate = (steps - last_steps) / max(now - last_time, 1e-9)
-            last_steps, last_time = steps, now
-            summary = tags.summarise_steps(learner["steps"])
-            mean_return = sum(job.returns) / len(job.returns) if job.returns else float("nan")
-            # One point per env step at most: while the actors stall (a replay restart blocks
-            # their inserts) the x-axis does not move, and a second point there would duplicate.
-            write = steps > last_written
-            last_written = max(last_written, steps)
-            if write:
-                writer.write(
-                    steps,
-                    {
-                        tags.EPISODE_RETURN: mean_return,
-                        tags.EPISODE_LENGTH: (
-                            sum(job.lengths) / len(job.lengths) if job.lengths else float("nan")
-                        ),
-                        tags.ENV_STEPS_PER_S: rate,
-                        tags.LEARNER_SAMPLES_PER_S: summary.samples / config.run.log_every,
-                        tags.LEARNER_VERSION: job.version,
-                        tags.SKIPPED_STEPS: summary.skipped,
-                        tags.REPLAY_SIZE: replay["size_fragments"],
-                        tags.REPLAY_INSERTED: replay["inserted"],
-                        tags.REPLAY_SAMPLED: replay["sampled"],
-                        tags.REPLAY_EVICTED: replay["evicted"],
-                        tags.REPLAY_REJECTED: sum(replay["rejected"].values()),
-                        tags.REPLAY_STALE: replay["dropped_stale"],
-                        tags.ACTORS_COUNT: len(job.topology.actors) - len(job.pending),
-                        tags.ACTORS_PENDING: len(job.pending),
-                        tags.ACTORS_RESTARTS: job.restarts,
-                        tags.ACTORS_ENV_ERRORS: job.env_errors,
-                        tags.ACTORS_INVALID: job.invalid_fragments,
-                        tags.REPLAY_RESTARTS: job.replay_restarts,
-                        tags.REPLAY_LOST: job.lost_fragments,
-                        tags.LEARNER_RESTARTS: job.learner_restarts,
-                    },
-                    summary,
-                )
-            lag = summary.scalars.get(tags.LAG_MEAN, float("nan"))
-            progress.show(
-                f"{steps:>12,} steps  {rate:>9,.0f}/s  return {mean_return:7.1f}  "
-                f"v{job.version:<6} lag {lag:5.1f}  actors {len(job.topology.actors)}"
-                + (f" ({len(job.pending)} pending)" if job.pending else "")
-            )
-            orders = job.publish(
-                job.status(
-                    env_steps_per_s=rate,
-                    return_mean=mean_return,
-                    policy_lag_mean=lag,
-                    policy_lag_max=summary.scalars.get(tags.LAG_MAX, float("nan")),
-                    learner_samples_per_s=summary.samples / config.run.log_every,
-                    replay=_replay_status(replay, last_replay, now - last_time_replay),
-                    last_checkpoint=learner.get("last_checkpoint"),
-                    wall_s=now - start,
-                    max_env_steps=config.run.max_env_steps,
-                )
-            )
-            last_replay, last_time_replay = replay, now
-            if on_poll is not None and on_poll(job):
-                reason = "stopped by on_poll"
-                break
-            if orders is not None and orders.stop:
-                reason = orders.stop_reason or "stop requested"
-                break
-            if orders is not None and orders.desired_actors != len(job.topology.actors):
-                print(
-                    f"\noffpg: scaling from {len(job.topology.actors)} to "
-                    f"{orders.desired_actors} actor(s)",
-                    file=sys.stderr,
-                )
-                job.scale(orders.desired_actors)
-            free = ray.available_resources().get("CPU", 0) if job.pending else 0.0
-            # Only actors the cluster has no room for are "pending"; others are just starting.
-            if (
-                job.pending
-                and free < config.actors.num_cpus
-                and now - pending_since > PENDING_NOTICE_S
-            ):
-                print(
-                    f"\noffpg: {len(job.pending)} actor(s) pending: each needs "
-                    f"{config.actors.num_cpus} CPU, the cluster has {free:g} free; they start "
-                    "when resources appear",
-                    file=sys.stderr,
-                )
-                pending_since = now
-            if _solved(job, config.run.target_return):
-                solved_at = (steps, now - start)
-                reason = f"target return {config.run.target_return:g} reached"
-                break
-            if steps >= config.run.max_env_steps:
-                reason = "env-step budget reached"
-                break
+        reporter = Reporter(job, started_at)
+        stop = _drive(job, reporter, on_poll)
     except KeyboardInterrupt:
-        reason = "interrupted"
+        stop = Stop("interrupted")
     finally:
-        progress.done()
-        try:
-            if job.topology is not None:
-                final = job.stop()
-        finally:
-            if writer is not None:
-                writer.close()
-            if job.controller is not None:
-                _finish_controller(job, reason, final)
-            if owns_ray:
-                ray.shutdown()
-    wall = time.monotonic() - start
-    summary = RunSummary(
-        run_dir=str(job.run_dir),
-        env_steps=job.env_steps,
-        wall_s=wall,
-        learner_version=int(final.get("version", job.version)),
-        episodes=job.episodes,
-        return_mean=(sum(job.returns) / len(job.returns)) if job.returns else float("nan"),
-        solved=solved_at is not None,
-        solved_at_env_steps=solved_at[0] if solved_at else None,
-        solved_at_s=solved_at[1] if solved_at else None,
-        stop_reason=reason,
-        checkpoint=final.get("checkpoint"),
-        actor_restarts=job.restarts,
-        ok=ok,
-        replay_restarts=job.replay_restarts,
-        learner_restarts=job.learner_restarts,
-        lost_fragments=job.lost_fragments,
-    )
-    print(summary.line(), flush=True)
-    if job.run_dir.is_dir():
-        (job.run_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1))
+        final = _shut_down(job, reporter, stop.reason, owns_ray)
+    summary = report.summarise(job, stop, final, time.monotonic() - started_at)
+    summary.save(job.run_dir)
     return summary
+
+
+def _drive(job: Job, reporter: Reporter, on_poll: OnPoll | None) -> Stop:
+    """Every `run.log_every` s: poll, record, obey the controller's orders, check stop rules."""
+    run, fleet = job.config.run, job.fleet
+    while True:
+        _wait_for_poll(fleet, run)
+        fleet.poll()
+        learner = job.drain_learner()
+        if learner is None:  # being restarted by Ray
+            continue
+        if learner["error"]:
+            return Stop(f"learner failed: {learner['error']}", ok=False)
+        job.version = learner["version"]
+        orders = job.publish(reporter.record(learner, job.poll_replay()))
+        if on_poll is not None and on_poll(job):
+            return Stop("stopped by on_poll")
+        if orders is not None and orders.stop:
+            return Stop(orders.stop_reason or "stop requested")
+        if orders is not None and orders.desired_actors != fleet.size:
+            print(
+                f"\noffpg: scaling from {fleet.size} to {orders.desired_actors} actor(s)",
+                file=sys.stderr,
+            )
+            fleet.scale(orders.desired_actors)
+        fleet.notice_pending()
+        if fleet.episodes.reached(run.target_return):
+            return Stop(
+                f"target return {run.target_return:g} reached",
+                solved_at=(reporter.env_steps, reporter.wall_s),
+            )
+        if reporter.env_steps >= run.max_env_steps:
+            return Stop("env-step budget reached")
+
+
+def _wait_for_poll(fleet: Fleet, run: RunConfig) -> None:
+    """Sleep until the next full poll, `run.log_every` s; earlier once the target is reached."""
+    target = run.target_return
+    if target is None:
+        time.sleep(run.log_every)
+        return
+    deadline = time.monotonic() + run.log_every
+    while (remaining := deadline - time.monotonic()) > 0:
+        time.sleep(min(remaining, SOLVE_CHECK_S))
+        if time.monotonic() < deadline:
+            fleet.poll()
+            if fleet.episodes.reached(target):
+                return
+
+
+def _init_ray(config: JobConfig) -> bool:
+    """Start or join Ray unless this process runs one already; whether the job owns it.
+
+    A Ray this process already runs (a notebook, a test session) is used as it is and left
+    running; otherwise the job starts (or connects to) its own and shuts it down at the end.
+    A job submitted to a cluster (`offpg launch`, `ray job submit`, a KubeRay RayJob) finds
+    the cluster in RAY_ADDRESS.
+    """
+    if ray.is_initialized():
+        return False
+    address = config.run.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=ray_cpus(config), include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _shut_down(job: Job, reporter: Reporter | None, reason: str, owns_ray: bool) -> dict:
+    """Every exit path: stop the actors and the learner (its `final` answer, returned), close
+    the logs, tell the controller how the run ended, and shut down the Ray the job started."""
+    final: dict = {}
+    try:
+        if reporter is not None:
+            reporter.end_progress()
+        if job.topology is not None:
+            final = job.stop()
+    finally:
+        if reporter is not None:
+            reporter.close()
+        if job.controller is not None:
+            job.finish_controller(reason, final)
+        if owns_ray:
+            ray.shutdown()
+    return final

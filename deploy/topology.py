@@ -4,7 +4,7 @@
 the learner a GPU when it wants CUDA and the cluster has one, the replay service and weight
 store no CPU reservation (they mostly wait on I/O), the replay service the learner's node (hard
 node affinity), each rollout actor `actors.num_cpus`, spread across the nodes, and the run's
-named controller (`deploy.controller`) no resources.
+named controller (`deploy.controller`) no resources, on the driver's node.
 """
 
 from __future__ import annotations
@@ -330,8 +330,8 @@ def start_replay(config: ReplayConfig, node_id: str | None = None) -> Any:
     node), so the learner's batches and the actors' fragments each cross the network at most
     once."""
     strategy = (
-        # Hard affinity: the soft kind was seen to spill to another node on a loaded loopback
-        # cluster. The learner is on that node now, so it is alive.
+        # Hard affinity: soft affinity lets Ray place it elsewhere when that node is busy. The
+        # learner is on that node now, so it is alive.
         NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id is not None else "DEFAULT"
     )
     return (

@@ -145,17 +145,21 @@ class Chaos:
 
     def __call__(self, job: Job) -> None:
         topo = job.topology
-        full = len(topo.actors) == 2 and not job.pending
+        full = len(topo.actors) == 2 and not job.fleet.pending
         if self.phase == 0 and full and job.version >= 20:
             ray.kill(topo.actors[0])
             self._next("actor 0 ray.kill", job)
-        elif self.phase == 1 and full and job.restarts >= 1:
+        elif self.phase == 1 and full and job.fleet.restarts >= 1:
             os.kill(ray.get(topo.actors[1].pid.remote(), timeout=30), signal.SIGKILL)
             self._next("actor 1 SIGKILL", job)
-        elif self.phase == 2 and full and job.restarts >= 2:
+        elif self.phase == 2 and full and job.fleet.restarts >= 2:
             os.kill(ray.get(topo.replay.pid.remote(), timeout=30), signal.SIGKILL)
             self._next("replay SIGKILL", job)
-        elif self.phase == 3 and job.replay_restarts >= 1 and list(job.checkpoint_dir.glob("*.pt")):
+        elif (
+            self.phase == 3
+            and job.faults.replay_restarts >= 1
+            and list(job.checkpoint_dir.glob("*.pt"))
+        ):
             # Malformed bytes on the restarted service's insert path.
             self.rejected_before = ray.get(topo.replay.stats.remote(), timeout=30)["rejected"]
             self.bad_results = ray.get(
@@ -165,10 +169,10 @@ class Chaos:
             self.version_before_learner_kill = job.version
             os.kill(ray.get(topo.learner.pid.remote(), timeout=30), signal.SIGKILL)
             self._next("learner SIGKILL", job)
-        elif self.phase == 4 and job.learner_restarts >= 1 and full:
-            _, version = job.learner_restores[0]
-            if min(job.actor_versions.values()) >= version:
-                self.synced_versions = dict(job.actor_versions)
+        elif self.phase == 4 and job.faults.learner_restarts >= 1 and full:
+            _, version = job.faults.learner_restores[0]
+            if min(job.fleet.policy_versions.values()) >= version:
+                self.synced_versions = dict(job.fleet.policy_versions)
                 self._next("actors synced to the restored learner", job)
 
     def _next(self, what: str, job: Job) -> None:
