@@ -280,7 +280,6 @@ def train(config: JobConfig, on_poll: OnPoll | None = None) -> RunSummary:
     started_at = time.monotonic()
     reporter: Reporter | None = None
     stop = Stop("stopped")
-    final: dict = {}
     try:
         job.start()
         reporter = Reporter(job, started_at)

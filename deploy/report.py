@@ -84,21 +84,20 @@ class Stop:
 
 def summarise(job: Job, stop: Stop, final: dict[str, Any], wall_s: float) -> RunSummary:
     """The run's summary from the job's counters and the learner's `final` stop answer."""
-    episodes = job.fleet.episodes if job.fleet is not None else None
-    solved_at = stop.solved_at
+    fleet, solved_at = job.fleet, stop.solved_at
     return RunSummary(
         run_dir=str(job.run_dir),
         env_steps=job.env_steps,
         wall_s=wall_s,
         learner_version=int(final.get("version", job.version)),
-        episodes=episodes.count if episodes else 0,
-        return_mean=episodes.mean_return if episodes else float("nan"),
+        episodes=fleet.episodes.count if fleet is not None else 0,
+        return_mean=fleet.episodes.mean_return if fleet is not None else float("nan"),
         solved=solved_at is not None,
         solved_at_env_steps=solved_at[0] if solved_at else None,
         solved_at_s=solved_at[1] if solved_at else None,
         stop_reason=stop.reason,
         checkpoint=final.get("checkpoint"),
-        actor_restarts=job.fleet.restarts if job.fleet is not None else 0,
+        actor_restarts=fleet.restarts if fleet is not None else 0,
         ok=stop.ok,
         replay_restarts=job.faults.replay_restarts,
         learner_restarts=job.faults.learner_restarts,
