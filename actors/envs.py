@@ -1,6 +1,6 @@
 """Vectorised environments for the rollout actors.
 
-`make_vec_env(config, actor_id=...)` turns an `EnvConfig` into a Gymnasium vector env:
+`make_vec_env(config, num_envs=N, actor_id=A)` turns an `EnvConfig` into a Gymnasium vector env:
 
 - the id's native vector env when it has one (CartPole's steps all copies in one numpy call,
   far faster than separate copies in a `SyncVectorEnv`; benchmarks/README.md has figures);
@@ -31,6 +31,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorActionWrapper, VectorEnv
 
 from learner.policy import OBS_DTYPES, PolicySpec
+from replay.fields import FieldError, check, setting
 
 #: Seeds of different actors are this far apart: actor a, env i gets `seed + a * STRIDE + i`.
 SEED_STRIDE = 1_000_003
@@ -62,65 +63,60 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _field(default: Any, doc: str) -> Any:
-    return dataclasses.field(default=default, metadata={"doc": doc})
+#: Upper bound of a seed (actor a, env i adds a * SEED_STRIDE + i to it).
+MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
 class EnvConfig:
-    """Which environment the actors play and how it is built; one per job."""
+    """Which environment the actors play and how each copy of it is built; one per job. How
+    many copies an actor steps is the actor's business (`actors.rollout.ActorConfig.num_envs`)."""
 
-    id: str = _field(
+    id: str = setting(
         "CartPole-v1",
         "Gymnasium id (e.g. CartPole-v1, Pendulum-v1, ALE/Pong-v5 with the atari extra) or "
         "'package.module:callable' returning a gymnasium.Env",
+        max_len=512,
     )
-    num_envs: int = _field(
-        128,
-        "environments in one vector env (a RolloutActor steps actors.num_envs instead)",
+    seed: int = setting(
+        0,
+        "base seed; actor a, env i is seeded with seed + a * 1_000_003 + i (reproducible)",
+        ge=0,
+        le=MAX_SEED,
     )
-    seed: int = _field(
-        0, "base seed; actor a, env i is seeded with seed + a * 1_000_003 + i (reproducible)"
-    )
-    kwargs: Mapping[str, Any] = _field(
+    kwargs: Mapping[str, Any] = setting(
         FrozenKwargs(), "extra keyword arguments for gym.make (or the user's callable)"
     )
-    frame_stack: int = _field(4, "frames stacked into one observation for ALE ids; 1 disables")
-    atari_frame_skip: int = _field(4, "ALE: frames each action is repeated (max-pooled)")
-    atari_screen_size: int = _field(84, "ALE: observation height and width after resizing")
-    atari_noop_max: int = _field(30, "ALE: at most this many no-op actions after each reset")
-    atari_terminal_on_life_loss: bool = _field(
+    frame_stack: int = setting(
+        4, "frames stacked into one observation for ALE ids; 1 disables", ge=1, le=64
+    )
+    atari_frame_skip: int = setting(
+        4, "ALE: frames each action is repeated (max-pooled)", ge=1, le=64
+    )
+    atari_screen_size: int = setting(
+        84, "ALE: observation height and width after resizing", ge=8, le=1024
+    )
+    atari_noop_max: int = setting(
+        30, "ALE: at most this many no-op actions after each reset", ge=0, le=100_000
+    )
+    atari_terminal_on_life_loss: bool = setting(
         False, "ALE: end the episode when a life is lost (off: the standard evaluation setting)"
     )
-    atari_num_threads: int = _field(
-        1, "ALE: emulator threads of ale-py's vector env per actor (an actor has about one core)"
+    atari_num_threads: int = setting(
+        1,
+        "ALE: emulator threads of ale-py's vector env per actor (an actor has about one core)",
+        ge=1,
+        le=256,
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not self.id.strip():
-            raise ValueError(f"id: must be a non-empty string, got {self.id!r}")
-        for name, low in (
-            ("num_envs", 1),
-            ("frame_stack", 1),
-            ("atari_frame_skip", 1),
-            ("atari_screen_size", 8),
-            ("atari_noop_max", 0),
-            ("atari_num_threads", 1),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.atari_terminal_on_life_loss, bool):
-            raise ValueError(
-                f"atari_terminal_on_life_loss: must be true or false, "
-                f"got {self.atari_terminal_on_life_loss!r}"
-            )
+        check(self)
+        if not self.id.strip():
+            raise FieldError("id", f"must be a non-empty string, got {self.id!r}")
         if not isinstance(self.kwargs, Mapping) or not all(isinstance(k, str) for k in self.kwargs):
-            raise ValueError(f"kwargs: must be a mapping with string keys, got {self.kwargs!r}")
+            raise FieldError("kwargs", f"must be a mapping with string keys, got {self.kwargs!r}")
         if "num_envs" in self.kwargs:
-            raise ValueError("kwargs: must not contain num_envs (set num_envs itself)")
+            raise FieldError("kwargs", "must not contain num_envs (set actors.num_envs)")
         if not isinstance(self.kwargs, FrozenKwargs):
             object.__setattr__(self, "kwargs", FrozenKwargs(self.kwargs))
 
@@ -138,20 +134,23 @@ def _split_callable(env_id: str) -> tuple[str, str] | None:
     """`package.module:callable` -> (module, attribute); None for a Gymnasium id.
 
     Gymnasium's own `module:EnvName-v0` form (import a module, then use a registered id) has a
-    hyphen after the colon, so it is not a Python identifier and stays a Gymnasium id.
+    hyphen after the colon, so it is not a Python identifier and stays a Gymnasium id. Raises
+    `FieldError` when the part before the colon is not a module name (`.x:f`).
     """
     module, sep, attr = env_id.partition(":")
-    if sep and attr.isidentifier() and module:
-        return module, attr
-    return None
+    if not (sep and attr.isidentifier()):
+        return None
+    if not all(part.isidentifier() for part in module.split(".")):
+        raise FieldError("id", f"{module!r} is not a module name (package.module:callable)")
+    return module, attr
 
 
 def _import_ale() -> None:
     try:
         import ale_py
     except ImportError as err:
-        raise ValueError(
-            "id: Atari ids (ALE/...) need the atari extra: pip install 'offpg[atari]' (ale-py)"
+        raise FieldError(
+            "id", "Atari ids (ALE/...) need the atari extra: pip install 'offpg[atari]' (ale-py)"
         ) from err
     gym.register_envs(ale_py)
 
@@ -159,16 +158,18 @@ def _import_ale() -> None:
 def _load_callable(module: str, attr: str) -> Callable[..., gym.Env]:
     try:
         mod = importlib.import_module(module)
-    except ImportError as err:
-        raise ValueError(f"id: cannot import module {module!r} for env callable: {err}") from err
+    except Exception as err:  # a user's module may fail to import in any way: a config error
+        raise FieldError(
+            "id", f"cannot import module {module!r} for env callable: {type(err).__name__}: {err}"
+        ) from err
     factory = getattr(mod, attr, None)
     if not callable(factory):
-        raise ValueError(f"id: {module!r} has no callable named {attr!r}")
+        raise FieldError("id", f"{module!r} has no callable named {attr!r}")
     return factory
 
 
 def check_env_id(env_id: str) -> None:
-    """Raise `ValueError` (message starting with "id:") unless `env_id` can be built here.
+    """Raise `FieldError` (field "id") unless `env_id` can be built here.
 
     Cheap enough for config validation before Ray starts: it imports modules and reads the
     registry but builds no environment.
@@ -181,10 +182,11 @@ def check_env_id(env_id: str) -> None:
         _import_ale()
     try:
         gym.spec(env_id)
-    except (gym.error.Error, ImportError, ModuleNotFoundError) as err:
-        raise ValueError(
-            f"id: unknown environment {env_id!r} ({err}); use a Gymnasium id such as "
-            "'CartPole-v1' or 'package.module:callable'"
+    except Exception as err:  # `module:Name-v0` imports the user's module, which may raise anything
+        raise FieldError(
+            "id",
+            f"unknown environment {env_id!r} ({err}); use a Gymnasium id such as "
+            "'CartPole-v1' or 'package.module:callable'",
         ) from err
 
 
@@ -250,8 +252,9 @@ class ClipActions(VectorActionWrapper):
         return np.clip(actions, self._low, self._high).astype(self._low.dtype, copy=False)
 
 
-def make_vec_env(config: EnvConfig, *, actor_id: int) -> VectorEnv:
-    """Build (not reset) the vector env of one actor; reset it with `seeded_reset`.
+def make_vec_env(config: EnvConfig, *, num_envs: int, actor_id: int) -> VectorEnv:
+    """Build (not reset) the vector env of `num_envs` envs of one actor; reset it with
+    `seeded_reset`.
 
     Raises `ValueError` for an unknown id or a missing `atari` extra, and `RuntimeError` when
     the result does not use next-step autoreset (the fragment schema relies on it).
@@ -259,11 +262,10 @@ def make_vec_env(config: EnvConfig, *, actor_id: int) -> VectorEnv:
     if actor_id < 0:
         raise ValueError(f"actor_id must be >= 0, got {actor_id}")
     check_env_id(config.id)
-    n = config.num_envs
     if config.is_atari and _has_native_vector_env(config.id):
         env = gym.make_vec(
             config.id,
-            n,
+            num_envs,
             vectorization_mode="vector_entry_point",
             **{
                 **dict(config.kwargs),
@@ -284,12 +286,12 @@ def make_vec_env(config: EnvConfig, *, actor_id: int) -> VectorEnv:
     elif _split_callable(config.id) is None and not config.is_atari:
         if _has_native_vector_env(config.id):
             env = gym.make_vec(
-                config.id, n, vectorization_mode="vector_entry_point", **dict(config.kwargs)
+                config.id, num_envs, vectorization_mode="vector_entry_point", **dict(config.kwargs)
             )
         else:
             env = gym.make_vec(
                 config.id,
-                n,
+                num_envs,
                 vectorization_mode="sync",
                 vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP},
                 **dict(config.kwargs),
@@ -297,7 +299,7 @@ def make_vec_env(config: EnvConfig, *, actor_id: int) -> VectorEnv:
     else:
         factory = _single_env_factory(config)
         env = gym.vector.SyncVectorEnv(
-            [factory] * n, autoreset_mode=AutoresetMode.NEXT_STEP, copy=True
+            [factory] * num_envs, autoreset_mode=AutoresetMode.NEXT_STEP, copy=True
         )
     mode = env.metadata.get("autoreset_mode")
     if mode != AutoresetMode.NEXT_STEP and mode != AutoresetMode.NEXT_STEP.value:
@@ -311,14 +313,14 @@ def make_vec_env(config: EnvConfig, *, actor_id: int) -> VectorEnv:
     return env
 
 
-def env_seeds(config: EnvConfig, actor_id: int, generation: int = 0) -> list[int]:
+def env_seeds(config: EnvConfig, actor_id: int, *, num_envs: int, generation: int = 0) -> list[int]:
     """Seeds of the `num_envs` envs of one actor: `seed + actor_id * 1_000_003 + i`.
 
     `generation` > 0 gives fresh seeds for an env rebuilt after an error (so a deterministic
     crash is not replayed), still reproducible and inside this actor's seed range.
     """
-    base = config.seed + actor_id * SEED_STRIDE + generation * config.num_envs
-    return [base + i for i in range(config.num_envs)]
+    base = config.seed + actor_id * SEED_STRIDE + generation * num_envs
+    return [base + i for i in range(num_envs)]
 
 
 def seeded_reset(env: VectorEnv, seeds: Iterable[int]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -339,7 +341,7 @@ def seeded_reset(env: VectorEnv, seeds: Iterable[int]) -> tuple[np.ndarray, dict
 
 def probe_spaces(config: EnvConfig) -> tuple[gym.Space, gym.Space]:
     """`(single_observation_space, single_action_space)` of the env `config` builds."""
-    env = make_vec_env(dataclasses.replace(config, num_envs=1), actor_id=0)
+    env = make_vec_env(config, num_envs=1, actor_id=0)
     try:
         return env.single_observation_space, env.single_action_space
     finally:

@@ -28,6 +28,7 @@ from gymnasium import spaces
 from actors.envs import EnvConfig, env_seeds, make_vec_env, seeded_reset
 from learner.policy import PolicySpec, load_numpy_state_dict, make_policy
 from replay.codec import encode
+from replay.fields import check, setting
 from replay.trajectory import Fragment, InvalidFragment
 
 log = logging.getLogger(__name__)
@@ -39,48 +40,50 @@ MAX_CONSECUTIVE_ENV_ERRORS = 5
 _POLL_MIN_S, _POLL_MAX_S = 0.002, 0.1
 
 
-def _field(default: object, doc: str) -> object:
-    return dataclasses.field(default=default, metadata={"doc": doc})
+#: Upper bounds of an actor's sizes: envs stepped together, steps per fragment.
+MAX_NUM_ENVS = 4096
+MAX_UNROLL_LENGTH = 4096
 
 
 @dataclasses.dataclass(frozen=True)
 class ActorConfig:
-    """How each rollout actor collects; one per job, shared by all actors."""
+    """How each rollout actor collects; one per job, shared by all actors. Where an actor runs
+    and how its fragments travel are the deployment's business (`deploy.config.RunConfig`)."""
 
-    num_envs: int = _field(
-        128, "environments per actor, stepped in lockstep with one batched policy call"
+    num_envs: int = setting(
+        128,
+        "environments per actor, stepped in lockstep with one batched policy call",
+        ge=1,
+        le=MAX_NUM_ENVS,
     )
-    unroll_length: int = _field(32, "T: steps per fragment (a fragment is T x num_envs steps)")
-    sync_every: int = _field(
-        1, "fragments between weight syncs: the staleness knob (1 = fetch before every fragment)"
+    unroll_length: int = setting(
+        32, "T: steps per fragment (a fragment is T x num_envs steps)", ge=1, le=MAX_UNROLL_LENGTH
     )
-    max_lag: int | None = _field(
+    sync_every: int = setting(
+        1,
+        "fragments between weight syncs: the staleness knob (1 = fetch before every fragment)",
+        ge=1,
+        le=1_000_000,
+    )
+    max_lag: int | None = setting(
         None,
         "refuse to act with weights more than this many versions behind the source: fetch (and "
         "if need be wait) before the next fragment; None = no bound",
+        ge=0,
+        le=10**12,
     )
-    max_lag_timeout_s: float = _field(
-        300.0, "seconds to wait for fresh enough weights before raising TimeoutError"
+    max_lag_timeout_s: float = setting(
+        300.0,
+        "seconds to wait for fresh enough weights before raising TimeoutError",
+        gt=0,
+        le=86_400,
     )
-    max_inflight: int = _field(
-        2, "fragment inserts in flight per actor; the sink blocks beyond it (backpressure)"
+    torch_threads: int = setting(
+        1, "torch intra-op threads for the actor's inference", ge=1, le=1024
     )
-    num_cpus: float = _field(1.0, "Ray CPUs reserved per actor (fractional allowed, e.g. 0.5)")
-    torch_threads: int = _field(1, "torch intra-op threads for the actor's inference")
 
     def __post_init__(self) -> None:
-        for name in ("num_envs", "unroll_length", "sync_every", "max_inflight", "torch_threads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
-        if self.max_lag is not None and (
-            not isinstance(self.max_lag, int) or isinstance(self.max_lag, bool) or self.max_lag < 0
-        ):
-            raise ValueError(f"max_lag: must be None or an integer >= 0, got {self.max_lag!r}")
-        if not isinstance(self.max_lag_timeout_s, int | float) or self.max_lag_timeout_s <= 0:
-            raise ValueError(f"max_lag_timeout_s: must be > 0, got {self.max_lag_timeout_s!r}")
-        if not isinstance(self.num_cpus, int | float) or not 0 < self.num_cpus <= 1024:
-            raise ValueError(f"num_cpus: must be in (0, 1024], got {self.num_cpus!r}")
+        check(self)
 
 
 @runtime_checkable
@@ -175,8 +178,8 @@ class _Stopped(Exception):
 class RolloutActor:
     """Collects fragments from `actor_config.num_envs` envs with a stale copy of the policy.
 
-    `actor_config.num_envs` overrides `env_config.num_envs`. Not thread-safe except `stats()`,
-    which may be called from another thread while `run()` collects.
+    Not thread-safe except `stats()`, which may be called from another thread while `run()`
+    collects.
     """
 
     def __init__(
@@ -189,12 +192,10 @@ class RolloutActor:
         sink: FragmentSink,
         weights: WeightSource,
     ) -> None:
-        # The actor's batching knob decides how many envs it steps.
-        env_config = dataclasses.replace(env_config, num_envs=actor_config.num_envs)
         torch.set_num_threads(actor_config.torch_threads)
         # Action sampling draws from torch's global generator: seed it like the envs, so an
         # actor with the same weights replays the same fragments.
-        torch.manual_seed(env_seeds(env_config, actor_id)[0])
+        torch.manual_seed(env_seeds(env_config, actor_id, num_envs=actor_config.num_envs)[0])
         self.actor_id = actor_id
         self._env_config = env_config
         self._config = actor_config
@@ -230,7 +231,7 @@ class RolloutActor:
         self._ep_return = np.zeros(n, np.float64)
         self._ep_length = np.zeros(n, np.int64)
         self._generation = 0
-        self._env = make_vec_env(env_config, actor_id=actor_id)
+        self._env = make_vec_env(env_config, num_envs=n, actor_id=actor_id)
         self._check_spaces()
         #: Set when the env failed (or produced data the codec refused): rebuild before stepping.
         self._needs_rebuild = False
@@ -384,7 +385,12 @@ class RolloutActor:
         return fragment, returns, lengths
 
     def _reset_env(self) -> None:
-        seeds = env_seeds(self._env_config, self.actor_id, self._generation)
+        seeds = env_seeds(
+            self._env_config,
+            self.actor_id,
+            num_envs=self._config.num_envs,
+            generation=self._generation,
+        )
         obs, _ = seeded_reset(self._env, seeds)
         self._obs[...] = obs
         self._prev_done[...] = False
@@ -411,7 +417,9 @@ class RolloutActor:
             log.debug("actor %d: closing the broken env failed", self.actor_id, exc_info=True)
         self._generation += 1
         try:
-            self._env = make_vec_env(self._env_config, actor_id=self.actor_id)
+            self._env = make_vec_env(
+                self._env_config, num_envs=self._config.num_envs, actor_id=self.actor_id
+            )
             self._reset_env()
         except Exception as err:
             raise _EnvFailure() from err

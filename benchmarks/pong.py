@@ -57,9 +57,9 @@ def _raw(args: tuple[int, float, int]) -> float:
     num_envs, seconds, actor_id = args
     from actors.envs import EnvConfig, env_seeds, make_vec_env, seeded_reset
 
-    config = EnvConfig(id=ENV_ID, num_envs=num_envs)
-    env = make_vec_env(config, actor_id=actor_id)
-    seeded_reset(env, env_seeds(config, actor_id))
+    config = EnvConfig(id=ENV_ID)
+    env = make_vec_env(config, num_envs=num_envs, actor_id=actor_id)
+    seeded_reset(env, env_seeds(config, actor_id, num_envs=num_envs))
     env.action_space.seed(actor_id)
     actions = [env.action_space.sample() for _ in range(32)]
     for a in actions[:8]:
@@ -85,7 +85,7 @@ def _actor(args: tuple[int, int, float, int]) -> float:
     from learner.policy import make_policy, state_dict_to_numpy
 
     torch.set_num_threads(1)
-    env_config = EnvConfig(id=ENV_ID, num_envs=num_envs)
+    env_config = EnvConfig(id=ENV_ID)
     spec = policy_spec(*probe_spaces(env_config))
     actor = RolloutActor(
         actor_id,

@@ -48,9 +48,9 @@ class NullSink:
 
 
 def raw_steps_per_s(env_id: str, num_envs: int, seconds: float) -> float:
-    config = EnvConfig(id=env_id, num_envs=num_envs)
-    env = make_vec_env(config, actor_id=0)
-    seeded_reset(env, env_seeds(config, 0))
+    config = EnvConfig(id=env_id)
+    env = make_vec_env(config, num_envs=num_envs, actor_id=0)
+    seeded_reset(env, env_seeds(config, 0, num_envs=num_envs))
     env.action_space.seed(0)
     actions = [env.action_space.sample() for _ in range(64)]
 
@@ -68,7 +68,7 @@ def raw_steps_per_s(env_id: str, num_envs: int, seconds: float) -> float:
 
 
 def actor_steps_per_s(env_id: str, num_envs: int, unroll: int, seconds: float) -> float:
-    env_config = EnvConfig(id=env_id, num_envs=num_envs)
+    env_config = EnvConfig(id=env_id)
     spec = policy_spec(*probe_spaces(env_config))
     weights = LocalWeights(state_dict_to_numpy(make_policy(spec)))
     actor = RolloutActor(

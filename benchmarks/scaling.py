@@ -8,7 +8,7 @@ a Markdown table and plotted to a PNG.
 
     python benchmarks/scaling.py --actors 1 2 4 8 --steps 300000 --out benchmarks/scaling.png
 
-Actors ask for `actors.num_cpus` logical CPUs each (default 0.5 here, so 8 actors fit a
+Actors ask for `run.actor_cpus` logical CPUs each (default 0.5 here, so 8 actors fit a
 small machine's embedded Ray); on a machine with fewer cores than actors the actors share the
 cores, and the curve shows where adding actors stops paying.
 """
@@ -118,7 +118,7 @@ def main() -> None:
         "--set",
         dest="overrides",
         action="append",
-        default=["actors.num_cpus=0.5"],
+        default=["run.actor_cpus=0.5"],
         metavar="KEY=VALUE",
         help="config override for every point (repeatable)",
     )

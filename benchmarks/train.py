@@ -93,7 +93,7 @@ def main() -> None:
                     "replay.capacity_fragments=256",
                     "actors.num_envs=256",
                     "actors.unroll_length=32",
-                    f"actors.num_cpus={1.0 / actors}",
+                    f"run.actor_cpus={1.0 / actors}",
                 ],
                 args.timeout,
             )

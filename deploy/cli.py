@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("config", help="print the resolved config as TOML, or every key")
     _add_config_args(show)
-    show.add_argument("--keys", action="store_true", help="list every key, default and meaning")
+    show.add_argument(
+        "--keys",
+        action="store_true",
+        help="list every key: its default, its value here, what it allows and what it means",
+    )
 
     _add_cluster_parsers(sub)
 
@@ -185,6 +189,15 @@ def _train_extra(args: argparse.Namespace) -> dict[str, object]:
     return extra
 
 
+def _print_keys(rows: list) -> None:
+    """`offpg config --keys`: each key with its neutral default, the value in the config shown
+    (the CartPole recipe without --config) where it differs, what it allows and what it means."""
+    print("KEY = DEFAULT [-> THIS CONFIG]  (ALLOWED)  MEANING")
+    for row in rows:
+        value = f" -> {row.value}" if row.value != row.default else ""
+        print(f"{row.key} = {row.default}{value}  ({row.allowed})  {row.doc}")
+
+
 def _number(text: str) -> float | str:
     try:
         return float(text)
@@ -208,8 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             die(exc)
         if args.command == "config":
             if args.keys:
-                for key, default, doc in field_docs():
-                    print(f"{key:32} {default:>14}  {doc}")
+                _print_keys(field_docs(config))
             else:
                 print(config.to_toml())
             return 0

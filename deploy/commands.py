@@ -32,6 +32,9 @@ def resolve_address(address: str | None) -> str | None:
 
 def run_command(command: str, args: Any) -> int:
     """Dispatch `offpg scale | status | stop` (parsed `args`); returns the exit status."""
+    if command == "scale" and not 0 <= args.actors <= controller.MAX_ACTORS:
+        print(f"offpg: --actors must be in [0, {controller.MAX_ACTORS}]", file=sys.stderr)
+        return 2
     address = resolve_address(args.address)
     if is_http(address):
         from deploy import launch
@@ -57,9 +60,6 @@ def run_command(command: str, args: Any) -> int:
 
 
 def scale(run: str, num_actors: int) -> int:
-    if num_actors < 0:
-        print("offpg: --actors must be >= 0", file=sys.stderr)
-        return 2
     answer = controller.call(run, "scale", num_actors)
     print(
         f"offpg: run {run}: {answer['previous']} -> {answer['desired']} actor(s) requested; "

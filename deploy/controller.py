@@ -24,6 +24,8 @@ from typing import Any
 NAMESPACE = "offpg"
 #: Seconds a client waits for a controller call.
 CLIENT_TIMEOUT = 30.0
+#: The most rollout actors a run may have (`run.num_actors`, `offpg scale --actors`).
+MAX_ACTORS = 4096
 
 
 def controller_name(run: str) -> str:
@@ -69,8 +71,10 @@ class Controller:
 
     def scale(self, num_actors: int) -> dict[str, int]:
         """Ask for `num_actors` rollout actors; the driver applies it on its next poll."""
-        if not isinstance(num_actors, int) or num_actors < 0:
-            raise ValueError(f"the actor count must be an integer >= 0, got {num_actors!r}")
+        if not isinstance(num_actors, int) or not 0 <= num_actors <= MAX_ACTORS:
+            raise ValueError(
+                f"the actor count must be an integer in [0, {MAX_ACTORS}], got {num_actors!r}"
+            )
         with self._lock:
             previous, self._desired = self._desired, num_actors
         return {"previous": previous, "desired": num_actors}

@@ -18,9 +18,8 @@ from typing import Any
 
 import ray
 
-from actors.envs import EnvConfig
-from actors.rollout import ActorConfig
 from deploy import topology
+from deploy.config import JobConfig
 from learner.policy import PolicySpec
 
 #: Episodes the target return is averaged over (CartPole-v1's "solved" definition).
@@ -107,13 +106,12 @@ class Fleet:
     def __init__(
         self,
         topo: topology.Topology,
-        env: EnvConfig,
-        actors: ActorConfig,
+        config: JobConfig,
         spec: PolicySpec,
         restored_env_steps: int = 0,
     ):
         self._topo = topo
-        self._env, self._config, self._spec = env, actors, spec
+        self._config, self._spec = config, spec
         self.state: dict[int, ActorState] = {}
         #: Counts of the actors retired or restarted (and the env steps of a resumed run).
         self.retired = ActorCounters(env_steps=restored_env_steps)
@@ -172,9 +170,7 @@ class Fleet:
 
     def _spawn(self, actor_id: int) -> None:
         topo = self._topo
-        handle = topology.start_actor(
-            actor_id, self._env, self._config, self._spec, topo.replay, topo.store
-        )
+        handle = topology.start_actor(actor_id, self._config, self._spec, topo.replay, topo.store)
         handle.start.remote()
         topo.actors[actor_id] = handle
         self.state[actor_id] = ActorState()
@@ -243,9 +239,10 @@ class Fleet:
         free = ray.available_resources().get("CPU", 0)
         now = time.monotonic()
         # Only actors the cluster has no room for are "pending"; others are just starting.
-        if free < self._config.num_cpus and now - self._pending_since > PENDING_NOTICE_S:
+        cpus = self._config.run.actor_cpus
+        if free < cpus and now - self._pending_since > PENDING_NOTICE_S:
             print(
-                f"\noffpg: {len(pending)} actor(s) pending: each needs {self._config.num_cpus} "
+                f"\noffpg: {len(pending)} actor(s) pending: each needs {cpus} "
                 f"CPU, the cluster has {free:g} free; they start when resources appear",
                 file=sys.stderr,
             )

@@ -52,7 +52,7 @@ def ray_cpus(config: JobConfig) -> int:
     """
     if config.run.num_cpus:
         return config.run.num_cpus
-    need = math.ceil(config.run.num_actors * config.actors.num_cpus) + 1
+    need = math.ceil(config.run.num_actors * config.run.actor_cpus) + 1
     return max(need, os.cpu_count() or 1)
 
 
@@ -114,7 +114,7 @@ class Job:
         info = self._start_learner_and_replay()
         self.version = info["version"]
         restored_steps = info["counters"].get("env_steps", 0) if info["restored"] is not None else 0
-        self.fleet = Fleet(self.topology, cfg.env, cfg.actors, self.spec, int(restored_steps))
+        self.fleet = Fleet(self.topology, cfg, self.spec, int(restored_steps))
         replay_stats = self.poll_replay()
         if replay_stats["restored_fragments"] or replay_stats["restore_error"]:
             print(
@@ -164,7 +164,7 @@ class Job:
         already sampled it). The offset `acknowledged - inserted` is steady while nothing is lost
         (it moves only by inserts in flight and by acks of killed actors not yet reported), so
         the loss of a restart is how much the offset grew across the poll that saw it; exact
-        up to the inserts in flight then (at most actors x `actors.max_inflight`).
+        up to the inserts in flight then (at most actors x `run.actor_max_inflight`).
         """
         offset = self.fleet.total().inserted - int(stats["inserted"])
         if (

@@ -3,10 +3,11 @@
 `launch` validates the configuration here (a bad one never reaches the cluster: exit 2), then
 submits `python -m deploy.cli train --set ...` with `ray.job_submission.JobSubmissionClient`,
 the SDK behind `ray job submit`. The entrypoint carries every key that differs from the
-defaults as a `--set`, so the file given with `--config` need not exist on the cluster. The
-runtime environment uploads the project directory (`working_dir`, honouring `.gitignore`) so
-the cluster runs the code you launched from; the dependencies come from the cluster's image
-(`deploy/Dockerfile`) or `--pip`.
+CartPole recipe (`deploy.config.RECIPE`, which `offpg train` loads without `--config` and which
+travels with the code) as a `--set`, so the file given with `--config` need not exist on the
+cluster. The runtime environment uploads the project directory (`working_dir`, honouring
+`.gitignore`) so the cluster runs the code you launched from; the dependencies come from the
+cluster's image (`deploy/Dockerfile`) or `--pip`.
 
 Token authentication: the SDK sends `Authorization: Bearer <token>` when this process runs with
 `RAY_AUTH_MODE=token`, the token read from `RAY_AUTH_TOKEN`, the file named by
@@ -52,7 +53,8 @@ def client(address: str | None) -> Any:
 
 
 def entrypoint(config: JobConfig) -> str:
-    """The cluster-side command: `offpg train` with every non-default key as a `--set`."""
+    """The cluster-side command: `offpg train` with every key that differs from the recipe as
+    a `--set` (`deploy.config.override_args`)."""
     args = ["python", "-m", "deploy.cli", "train"]
     for item in override_args(config):
         args += ["--set", item]

@@ -258,7 +258,7 @@ def running_status(job: Job, **interval: Any) -> dict[str, Any]:
             "restarted": fleet.restarts,
             "ids": sorted(fleet.state),
             "pending_ids": sorted(pending),
-            "num_cpus_each": actors.num_cpus,
+            "num_cpus_each": job.config.run.actor_cpus,
             "num_envs_each": actors.num_envs,
             "by_node": fleet.by_node(),
         },

@@ -3,7 +3,7 @@
 `actors/`, `learner/` and `replay/` know nothing of Ray placement; here each gets its resources:
 the learner a GPU when it wants CUDA and the cluster has one, the replay service and weight
 store no CPU reservation (they mostly wait on I/O), the replay service the learner's node (hard
-node affinity), each rollout actor `actors.num_cpus`, spread across the nodes, and the run's
+node affinity), each rollout actor `run.actor_cpus`, spread across the nodes, and the run's
 named controller (`deploy.controller`) no resources, on the driver's node.
 """
 
@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.envs import EnvConfig
 from actors.rollout import ActorConfig, RolloutActor
+from deploy.config import JobConfig
 from deploy.controller import NAMESPACE, Controller, controller_name
 from deploy.weights import RayWeightSource, publisher
 from learner.broadcast import WeightStore
@@ -82,9 +83,10 @@ class RolloutWorker:
         spec: dict,
         replay: Any,
         store: Any,
+        max_inflight: int,
     ):
         self.actor_id = actor_id
-        self._sink = RaySink(replay, actor_config.max_inflight)
+        self._sink = RaySink(replay, max_inflight)
         self._actor = RolloutActor(
             actor_id,
             env_config,
@@ -393,17 +395,24 @@ def start_learner(
     )
 
 
-def start_actor(
-    actor_id: int, env: EnvConfig, actors: ActorConfig, spec: PolicySpec, replay: Any, store: Any
-) -> Any:
+def start_actor(actor_id: int, config: JobConfig, spec: PolicySpec, replay: Any, store: Any) -> Any:
+    """Rollout actor `actor_id`: `run.actor_cpus` CPUs, `run.actor_max_inflight` inserts."""
     return (
         ray.remote(RolloutWorker)
         .options(
-            num_cpus=actors.num_cpus,
+            num_cpus=config.run.actor_cpus,
             max_concurrency=4,
             max_restarts=0,
             # Across the CPU nodes, so one node's loss takes few actors with it.
             scheduling_strategy="SPREAD",
         )
-        .remote(actor_id, env, actors, spec.to_dict(), replay, store)
+        .remote(
+            actor_id,
+            config.env,
+            config.actors,
+            spec.to_dict(),
+            replay,
+            store,
+            config.run.actor_max_inflight,
+        )
     )

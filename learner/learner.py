@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,130 +26,108 @@ from learner.loss import SURROGATES, importance_stats, loss_terms
 from learner.metrics import StepMetrics, subsample
 from learner.policy import ActorCritic, PolicySpec, make_policy, state_dict_to_numpy
 from learner.prefetch import Prefetcher, TensorBatch, to_tensors
+from replay.fields import FieldError, check, setting
 from replay.trajectory import Batch
 
 log = logging.getLogger(__name__)
-
-
-def _field(default: Any, doc: str) -> Any:
-    return dataclasses.field(default=default, metadata={"doc": doc})
 
 
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
     """Hyperparameters of the learner; each field's `doc` metadata is its CLI help."""
 
-    lr: float = _field(6e-4, "learning rate (initial value when lr_schedule is linear)")
-    optimizer: str = _field("adam", "optimiser: adam or rmsprop")
-    adam_eps: float = _field(1e-5, "epsilon added to the optimiser's denominator")
-    lr_schedule: str = _field("constant", "constant, or linear decay to 0 over lr_decay_steps")
-    lr_decay_steps: int = _field(0, "learner steps of the linear decay (required for linear)")
-    gamma: float = _field(0.99, "discount factor")
-    reward_scale: float = _field(
-        1.0, "rewards are multiplied by this before the loss (values learn the scaled return)"
+    lr: float = setting(6e-4, "learning rate (initial value when lr_schedule is linear)", gt=0)
+    optimizer: str = setting("adam", "the optimiser", choices=("adam", "rmsprop"))
+    adam_eps: float = setting(1e-5, "epsilon added to the optimiser's denominator", gt=0)
+    lr_schedule: str = setting(
+        "constant",
+        "constant, or linear decay to 0 over lr_decay_steps",
+        choices=("constant", "linear"),
     )
-    normalize_advantages: bool = _field(
+    lr_decay_steps: int = setting(
+        0, "learner steps of the linear decay (required for linear)", ge=0, le=10**12
+    )
+    gamma: float = setting(0.99, "discount factor", ge=0, le=1)
+    reward_scale: float = setting(
+        1.0, "rewards are multiplied by this before the loss (values learn the scaled return)", gt=0
+    )
+    normalize_advantages: bool = setting(
         False, "standardise the policy-gradient weights over each batch (mean 0, std 1)"
     )
-    reward_clip: float | None = _field(
-        None, "rewards are clipped to [-reward_clip, reward_clip] after scaling (Atari: 1)"
+    reward_clip: float | None = setting(
+        None, "rewards are clipped to [-reward_clip, reward_clip] after scaling (Atari: 1)", gt=0
     )
-    estimator: str = _field("vtrace", f"policy-gradient weights: one of {', '.join(SURROGATES)}")
-    rho_clip: float | None = _field(
+    estimator: str = setting(
+        "vtrace",
+        "policy-gradient weights: V-trace or a pg_weights estimator",
+        choices=tuple(SURROGATES),
+    )
+    rho_clip: float | None = setting(
         1.0,
         "V-trace rho-bar (clips the value-target ratios); for the pg_weights estimators the "
         "per-step ratio truncation. None: no clipping",
+        gt=0,
     )
-    c_clip: float | None = _field(1.0, "V-trace c-bar (trace cutting); None: no clipping")
-    pg_rho_clip: float | None = _field(
-        1.0, "V-trace clip on the policy-gradient ratio; None: no clipping"
+    c_clip: float | None = setting(1.0, "V-trace c-bar (trace cutting); None: no clipping", gt=0)
+    pg_rho_clip: float | None = setting(
+        1.0, "V-trace clip on the policy-gradient ratio; None: no clipping", gt=0
     )
-    vtrace_lambda: float = _field(
-        1.0, "V-trace trace weight lambda in [0, 1] (1: the paper's default; lower: less variance)"
+    vtrace_lambda: float = setting(
+        1.0,
+        "V-trace trace weight lambda (1: the paper's default; lower: less variance)",
+        ge=0,
+        le=1,
     )
-    policy_clip: float | None = _field(
+    policy_clip: float | None = setting(
         None,
         "APPO's trust region, vtrace only: the policy term becomes the clipped surrogate "
         "-min(r A, clip(r, 1 - e, 1 + e) A), r = pi/mu, A = the V-trace advantage without its "
         "rho factor, so replaying a fragment cannot push the policy far from the one that "
         "acted; None: IMPALA's policy gradient",
+        gt=0,
+        lt=1,
     )
-    value_coef: float = _field(0.5, "weight of the value loss")
-    entropy_coef: float = _field(0.01, "weight of the entropy bonus")
-    max_grad_norm: float = _field(10.0, "clip the global gradient norm to this value")
-    batch_size: int = _field(8, "fragments per batch")
-    publish_every: int = _field(1, "publish the weights every this many learner steps")
-    checkpoint_every: float = _field(
-        60.0, "seconds between checkpoints (a restarted learner loses at most this much)"
+    value_coef: float = setting(0.5, "weight of the value loss", ge=0)
+    entropy_coef: float = setting(0.01, "weight of the entropy bonus", ge=0)
+    max_grad_norm: float = setting(10.0, "clip the global gradient norm to this value", gt=0)
+    batch_size: int = setting(8, "fragments per batch", ge=1, le=4096)
+    publish_every: int = setting(
+        1, "publish the weights every this many learner steps", ge=1, le=1_000_000
     )
-    keep_checkpoints: int = _field(3, "how many of the newest checkpoints to keep")
-    device: str = _field("auto", "auto (CUDA when available), cpu or cuda")
-    prefetch: int = _field(2, "batches decoded and moved to the device ahead of the step")
-    max_nan_steps: int = _field(
-        10, "consecutive non-finite (skipped) steps before the learner gives up"
+    checkpoint_every: float = setting(
+        60.0,
+        "seconds between checkpoints (a restarted learner loses at most this much)",
+        gt=0,
+        le=86_400,
     )
-    torch_threads: int = _field(0, "torch intra-op threads; 0 leaves torch's default")
+    keep_checkpoints: int = setting(3, "how many of the newest checkpoints to keep", ge=1, le=1000)
+    device: str = setting(
+        "auto", "auto (CUDA when available), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
+    prefetch: int = setting(
+        2, "batches decoded and moved to the device ahead of the step", ge=1, le=64
+    )
+    max_nan_steps: int = setting(
+        10, "consecutive non-finite (skipped) steps before the learner gives up", ge=1, le=1_000_000
+    )
+    torch_threads: int = setting(
+        0, "torch intra-op threads; 0 leaves torch's default", ge=0, le=1024
+    )
 
     def __post_init__(self) -> None:
-        # Messages are "field: what is allowed, got what", the form deploy/config.py maps to
-        # the full key (learner.lr) in its one-line error.
-        def positive(name: str, allow_none: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                extra = " or None" if allow_none else ""
-                raise ValueError(f"{name}: must be a positive number{extra}, got {value!r}")
-
-        def at_least(name: str, low: int) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-
-        def one_of(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
-
-        for name in ("lr", "adam_eps", "max_grad_norm", "checkpoint_every"):
-            positive(name)
-        for name in ("rho_clip", "c_clip", "pg_rho_clip"):
-            positive(name, allow_none=True)
-        one_of("optimizer", ("adam", "rmsprop"))
-        one_of("lr_schedule", ("constant", "linear"))
-        one_of("estimator", tuple(SURROGATES))
-        one_of("device", ("auto", "cpu", "cuda"))
-        at_least("lr_decay_steps", 0)
+        check(self)
         if self.lr_schedule == "linear" and self.lr_decay_steps < 1:
-            raise ValueError(
-                "lr_decay_steps: must be >= 1 when lr_schedule is linear (it is the number of "
-                "learner steps over which lr decays to 0)"
+            raise FieldError(
+                "lr_decay_steps",
+                "must be >= 1 when lr_schedule is linear (it is the number of learner steps "
+                "over which lr decays to 0)",
             )
-        positive("reward_scale")
-        positive("reward_clip", allow_none=True)
-        if not (0.0 <= self.vtrace_lambda <= 1.0):
-            raise ValueError(f"vtrace_lambda: must lie in [0, 1], got {self.vtrace_lambda!r}")
-        if self.policy_clip is not None:
-            if not (isinstance(self.policy_clip, int | float) and 0 < self.policy_clip < 1):
-                raise ValueError(
-                    f"policy_clip: must lie in (0, 1) or be None, got {self.policy_clip!r}"
-                )
-            if self.estimator != "vtrace":
-                raise ValueError(
-                    "policy_clip: the clipped surrogate is defined on V-trace advantages; set "
-                    f"estimator = vtrace or policy_clip = none (estimator is {self.estimator!r})"
-                )
-        if not (0.0 <= self.gamma <= 1.0):
-            raise ValueError(f"gamma: must lie in [0, 1], got {self.gamma!r}")
-        for name in ("value_coef", "entropy_coef"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
-        for name in ("batch_size", "publish_every", "keep_checkpoints", "prefetch"):
-            at_least(name, 1)
-        at_least("max_nan_steps", 1)
-        at_least("torch_threads", 0)
+        if self.policy_clip is not None and self.estimator != "vtrace":
+            raise FieldError(
+                "policy_clip",
+                "the clipped surrogate is defined on V-trace advantages; set estimator = vtrace "
+                f"or policy_clip = none (estimator is {self.estimator!r})",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -52,7 +52,7 @@ class PolicySpec:
     action_dim: int  # number of discrete actions, or the length of the action vector
     action_low: tuple[float, ...] | None = None
     action_high: tuple[float, ...] | None = None
-    network: str = "mlp"  # "mlp" | "impala_shallow" | "impala_deep"
+    network: str = "mlp"  # one of NETWORKS
     hidden_sizes: tuple[int, ...] = (64, 64)
     #: None: separate actor and critic torsos for the MLP (better on small control tasks, as in
     #: CleanRL's PPO), one shared torso for the CNNs (the expensive part is computed once).

@@ -10,95 +10,108 @@ import dataclasses
 from typing import Literal
 
 from replay import codec
+from replay.fields import FieldError, check, setting
 from replay.limiter import RateLimiter
 
-
-def _doc(default: object, doc: str) -> dataclasses.Field:
-    return dataclasses.field(default=default, metadata={"doc": doc})
+#: Upper bounds of the replay's sizes (a fragment count, a seed).
+MAX_FRAGMENTS = 10_000_000
+MAX_SEED = 2**32 - 1
+#: Longest wait between snapshots, in seconds (a day).
+MAX_SNAPSHOT_EVERY = 86_400.0
 
 
 @dataclasses.dataclass(frozen=True)
 class ReplayConfig:
     """The replay policy. Each field's `doc` metadata is its CLI help."""
 
-    sampler: Literal["fifo", "uniform", "mixed"] = _doc(
+    sampler: Literal["fifo", "uniform", "mixed"] = setting(
         "fifo",
         "fifo: each fragment once, oldest first (IMPALA queue); uniform: uniform replay; "
         "mixed: replay_fraction of each batch replayed uniformly, the rest fresh",
     )
-    replay_fraction: float = _doc(
-        0.0, "mixed only: fraction of each batch drawn from already-sampled fragments"
+    replay_fraction: float = setting(
+        0.0, "mixed only: fraction of each batch drawn from already-sampled fragments", ge=0, le=1
     )
-    capacity_fragments: int = _doc(10_000, "most fragments held; the oldest is evicted first")
-    capacity_bytes: int = _doc(
-        2 * 1024**3, "most array bytes held (Fragment.nbytes); the oldest is evicted first"
+    capacity_fragments: int = setting(
+        10_000, "most fragments held; the oldest is evicted first", ge=1, le=MAX_FRAGMENTS
     )
-    max_times_sampled: int = _doc(
-        0, "a fragment is retired after this many samples; 0 = unlimited (fifo: always 1)"
+    capacity_bytes: int = setting(
+        2 * 1024**3,
+        "most array bytes held (Fragment.nbytes); the oldest is evicted first",
+        ge=1,
+        le=2**40,
     )
-    samples_per_insert: float | None = _doc(
-        None, "target ratio of sampled to inserted fragments; None: no ratio limit"
+    max_times_sampled: int = setting(
+        0,
+        "a fragment is retired after this many samples; 0 = unlimited (fifo: always 1)",
+        ge=0,
+        le=1_000_000,
     )
-    tolerance: float = _doc(
-        0.0, "how many fragments sampling may run ahead of or behind the ratio before blocking"
+    samples_per_insert: float | None = setting(
+        None, "target ratio of sampled to inserted fragments; None: no ratio limit", gt=0
     )
-    min_size_to_sample: int = _doc(1, "sampling waits until this many fragments are held")
-    max_staleness: int | None = _doc(
-        None, "fragments more than this many versions behind the learner are dropped"
+    tolerance: float = setting(
+        0.0,
+        "how many fragments sampling may run ahead of or behind the ratio before blocking",
+        ge=0,
     )
-    max_message_bytes: int = _doc(codec.DEFAULT_MAX_BYTES, "insert refuses longer messages")
-    snapshot_path: str | None = _doc(
-        None, "restore from this file at start if it exists; periodic snapshots go here"
+    min_size_to_sample: int = setting(
+        1, "sampling waits until this many fragments are held", ge=1, le=MAX_FRAGMENTS
     )
-    snapshot_every: float = _doc(0.0, "seconds between periodic snapshots; 0 = none")
-    seed: int | None = _doc(None, "seed of the uniform sampler")
+    max_staleness: int | None = setting(
+        None,
+        "fragments more than this many versions behind the learner are dropped",
+        ge=0,
+        le=10**12,
+    )
+    max_message_bytes: int = setting(
+        codec.DEFAULT_MAX_BYTES, "insert refuses longer messages", ge=1, le=2**31 - 1
+    )
+    snapshot_path: str | None = setting(
+        None,
+        "restore from this file at start if it exists; periodic snapshots go here",
+        max_len=4096,
+    )
+    snapshot_every: float = setting(
+        0.0, "seconds between periodic snapshots; 0 = none", ge=0, le=MAX_SNAPSHOT_EVERY
+    )
+    seed: int | None = setting(None, "seed of the uniform sampler", ge=0, le=MAX_SEED)
 
     def __post_init__(self) -> None:
-        if self.sampler not in ("fifo", "uniform", "mixed"):
-            raise ValueError(f"sampler is {self.sampler!r}: must be fifo, uniform or mixed")
+        check(self)
         if self.sampler == "mixed" and not 0.0 < self.replay_fraction < 1.0:
-            raise ValueError(
-                f"replay_fraction is {self.replay_fraction}: the mixed sampler needs a fraction "
-                "strictly between 0 and 1 (use fifo for 0, uniform for 1)"
+            raise FieldError(
+                "replay_fraction",
+                f"is {self.replay_fraction}: the mixed sampler needs a fraction strictly between "
+                "0 and 1 (use fifo for 0, uniform for 1)",
             )
         if self.sampler != "mixed" and self.replay_fraction != 0.0:
-            raise ValueError(
-                f"replay_fraction is {self.replay_fraction}: only the mixed sampler uses it"
+            raise FieldError(
+                "replay_fraction", f"is {self.replay_fraction}: only the mixed sampler uses it"
             )
-        if self.capacity_fragments < 1:
-            raise ValueError(f"capacity_fragments is {self.capacity_fragments}: must be >= 1")
-        if self.capacity_bytes < 1:
-            raise ValueError(f"capacity_bytes is {self.capacity_bytes}: must be >= 1")
-        if self.max_times_sampled < 0:
-            raise ValueError(f"max_times_sampled is {self.max_times_sampled}: must be >= 0")
         if self.sampler == "fifo" and self.max_times_sampled not in (0, 1):
-            raise ValueError(
-                f"max_times_sampled is {self.max_times_sampled}: the fifo sampler delivers each "
-                "fragment exactly once, so it must be 1 (or 0, which means the same for fifo)"
+            raise FieldError(
+                "max_times_sampled",
+                f"is {self.max_times_sampled}: the fifo sampler delivers each fragment exactly "
+                "once, so it must be 1 (or 0, which means the same for fifo)",
             )
-        if self.min_size_to_sample < 1:
-            raise ValueError(f"min_size_to_sample is {self.min_size_to_sample}: must be >= 1")
         if self.min_size_to_sample > self.capacity_fragments:
-            raise ValueError(
-                f"min_size_to_sample is {self.min_size_to_sample}, above capacity_fragments "
-                f"{self.capacity_fragments}: sampling would wait forever"
+            raise FieldError(
+                "min_size_to_sample",
+                f"is {self.min_size_to_sample}, above capacity_fragments "
+                f"{self.capacity_fragments}: sampling would wait forever",
             )
         self.rate_limiter()  # refuses ratio settings that could deadlock
         spi = self.samples_per_insert
         if spi is not None and self.retire_after and spi > self.retire_after:
-            raise ValueError(
-                f"samples_per_insert is {spi} but each fragment is sampled at most "
-                f"{self.retire_after} times (max_times_sampled, or fifo): fragments would be "
-                "retired before the ratio lets inserts go on, and both sides would block"
+            raise FieldError(
+                "samples_per_insert",
+                f"is {spi} but each fragment is sampled at most {self.retire_after} times "
+                "(max_times_sampled, or fifo): fragments would be retired before the ratio lets "
+                "inserts go on, and both sides would block",
             )
-        if self.max_staleness is not None and self.max_staleness < 0:
-            raise ValueError(f"max_staleness is {self.max_staleness}: must be >= 0 (or None)")
-        if self.max_message_bytes < 1:
-            raise ValueError(f"max_message_bytes is {self.max_message_bytes}: must be >= 1")
-        if self.snapshot_every < 0:
-            raise ValueError(f"snapshot_every is {self.snapshot_every}: must be >= 0")
         if self.snapshot_every > 0 and not self.snapshot_path:
-            raise ValueError("snapshot_every is set but snapshot_path is not: nowhere to write")
+            raise FieldError("snapshot_every", "is set but snapshot_path is not: nowhere to write")
 
     def rate_limiter(self) -> RateLimiter:
         """A fresh `RateLimiter` with this config's ratio, tolerance and minimum size."""

@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from replay.fields import FieldError
+
 
 class RateLimiter:
     """Decides whether an insert or a sample of n fragments may go now.
 
-    Raises ValueError, naming the field first, for settings under which an insert and a sample
-    could both wait at once (a deadlock).
+    Raises `replay.fields.FieldError` (a ValueError naming the field) for settings under which
+    an insert and a sample could both wait at once (a deadlock).
     """
 
     def __init__(
@@ -36,19 +38,20 @@ class RateLimiter:
         min_size_to_sample: int = 1,
     ) -> None:
         if min_size_to_sample < 1:
-            raise ValueError(f"min_size_to_sample is {min_size_to_sample}: must be >= 1")
+            raise FieldError("min_size_to_sample", f"is {min_size_to_sample}: must be >= 1")
         spi = samples_per_insert
         if spi is None:
             if tolerance != 0.0:
-                raise ValueError(f"tolerance is {tolerance}: it needs samples_per_insert")
+                raise FieldError("tolerance", f"is {tolerance}: it needs samples_per_insert")
         elif spi <= 0:
-            raise ValueError(f"samples_per_insert is {spi}: must be > 0 (or None)")
+            raise FieldError("samples_per_insert", f"is {spi}: must be > 0 (or None)")
         elif tolerance < (spi + 1) / 2:
-            raise ValueError(
-                f"tolerance is {tolerance}: with samples_per_insert {spi} it must be "
+            raise FieldError(
+                "tolerance",
+                f"is {tolerance}: with samples_per_insert {spi} it must be "
                 f">= (samples_per_insert + 1) / 2 = {(spi + 1) / 2}, or an insert (which adds "
                 "samples_per_insert of credit) and a sample (which spends 1) could both be "
-                "blocked at once: a deadlock"
+                "blocked at once: a deadlock",
             )
         self.samples_per_insert = spi
         self.tolerance = tolerance

@@ -23,15 +23,16 @@ from actors.envs import (
     probe_spaces,
     seeded_reset,
 )
+from replay.fields import FieldError
 
 
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
         ({"id": ""}, "id"),
-        ({"num_envs": 0}, "num_envs"),
-        ({"num_envs": True}, "num_envs"),
         ({"seed": -1}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"seed": 2**40}, "seed"),
         ({"frame_stack": 0}, "frame_stack"),
         ({"atari_noop_max": -1}, "atari_noop_max"),
         ({"atari_terminal_on_life_loss": "yes"}, "atari_terminal_on_life_loss"),
@@ -63,6 +64,9 @@ def test_check_env_id_explains_unknown_ids():
         check_env_id("no_such_module:make")
     with pytest.raises(ValueError, match=r"^id: 'scripted_env' has no callable named 'nope'"):
         check_env_id("scripted_env:nope")
+    with pytest.raises(FieldError, match=r"^id: '\.x' is not a module name") as info:
+        check_env_id(".x:f")  # import_module('.x') would raise TypeError
+    assert info.value.field == "id"
 
 
 def test_check_env_id_names_the_atari_extra_when_ale_py_is_missing(monkeypatch):
@@ -72,17 +76,17 @@ def test_check_env_id_names_the_atari_extra_when_ale_py_is_missing(monkeypatch):
 
 
 def test_native_vector_env_is_used_when_the_id_has_one():
-    env = make_vec_env(EnvConfig(num_envs=3), actor_id=0)
+    env = make_vec_env(EnvConfig(), num_envs=3, actor_id=0)
     assert type(env).__name__ == "CartPoleVectorEnv"
     assert env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
-    obs, _ = seeded_reset(env, env_seeds(EnvConfig(num_envs=3), 0))
+    obs, _ = seeded_reset(env, env_seeds(EnvConfig(), 0, num_envs=3))
     assert obs.shape == (3, 4) and obs.dtype == np.float32
     env.close()
 
 
 def test_other_ids_use_a_next_step_sync_vector_env():
     for env_id in ("Acrobot-v1", scripted_env.CALLABLE_ID, scripted_env.TRUNCATED_ID):
-        env = make_vec_env(EnvConfig(id=env_id, num_envs=2), actor_id=0)
+        env = make_vec_env(EnvConfig(id=env_id), num_envs=2, actor_id=0)
         assert isinstance(env.unwrapped, gym.vector.SyncVectorEnv), env_id
         assert env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
         env.close()
@@ -99,13 +103,13 @@ def test_a_vector_env_without_next_step_autoreset_is_refused():
             ),
         )
     with pytest.raises(RuntimeError, match="next-step autoreset"):
-        make_vec_env(EnvConfig(id=env_id, num_envs=2), actor_id=0)
+        make_vec_env(EnvConfig(id=env_id), num_envs=2, actor_id=0)
 
 
 def test_user_callable_env_gets_kwargs():
-    config = EnvConfig(id=scripted_env.CALLABLE_ID, num_envs=2, kwargs={"length": 2})
-    env = make_vec_env(config, actor_id=0)
-    seeded_reset(env, env_seeds(config, 0))
+    config = EnvConfig(id=scripted_env.CALLABLE_ID, kwargs={"length": 2})
+    env = make_vec_env(config, num_envs=2, actor_id=0)
+    seeded_reset(env, env_seeds(config, 0, num_envs=2))
     _, _, terminated, _, _ = env.step(np.zeros(2, np.int64))
     assert not terminated.any()
     _, _, terminated, _, _ = env.step(np.zeros(2, np.int64))
@@ -113,21 +117,21 @@ def test_user_callable_env_gets_kwargs():
 
 
 def test_seeds_are_distinct_per_actor_and_env_and_reach_every_env():
-    config = EnvConfig(id=scripted_env.CALLABLE_ID, num_envs=4, seed=7)
-    seeds = [env_seeds(config, actor) for actor in range(3)]
+    config = EnvConfig(id=scripted_env.CALLABLE_ID, seed=7)
+    seeds = [env_seeds(config, actor, num_envs=4) for actor in range(3)]
     assert seeds[1] == [7 + SEED_STRIDE + i for i in range(4)]
     flat = [s for actor in seeds for s in actor]
     assert len(set(flat)) == len(flat)
-    assert set(env_seeds(config, 1, generation=1)).isdisjoint(seeds[1])
-    env = make_vec_env(config, actor_id=1)
+    assert set(env_seeds(config, 1, num_envs=4, generation=1)).isdisjoint(seeds[1])
+    env = make_vec_env(config, num_envs=4, actor_id=1)
     obs, _ = seeded_reset(env, seeds[1])
     assert obs[:, 1].tolist() == seeds[1]  # column 1 of the scripted obs is the reset seed
 
 
 def _first_obs(env_id: str, actor_id: int) -> np.ndarray:
-    config = EnvConfig(id=env_id, num_envs=4, seed=3)
-    env = make_vec_env(config, actor_id=actor_id)
-    obs, _ = seeded_reset(env, env_seeds(config, actor_id))
+    config = EnvConfig(id=env_id, seed=3)
+    env = make_vec_env(config, num_envs=4, actor_id=actor_id)
+    obs, _ = seeded_reset(env, env_seeds(config, actor_id, num_envs=4))
     for _ in range(5):
         obs, *_ = env.step(np.ones(4, np.int64))
     env.close()
@@ -143,10 +147,10 @@ def test_seeding_is_reproducible_and_differs_between_actors_and_envs(env_id):
 
 
 def test_clip_actions_clips_what_the_env_sees_but_not_the_callers_array():
-    config = EnvConfig(id=scripted_env.CALLABLE_ID, num_envs=3, kwargs={"continuous": True})
-    env = make_vec_env(config, actor_id=0)
+    config = EnvConfig(id=scripted_env.CALLABLE_ID, kwargs={"continuous": True})
+    env = make_vec_env(config, num_envs=3, actor_id=0)
     assert isinstance(env, ClipActions)
-    seeded_reset(env, env_seeds(config, 0))
+    seeded_reset(env, env_seeds(config, 0, num_envs=3))
     actions = np.array([[5.0], [-3.0], [0.25]], np.float32)
     obs, *_ = env.step(actions)
     assert obs[:, 2].tolist() == [1.0, -1.0, 0.25]  # column 2: the action the env received
@@ -177,11 +181,11 @@ def test_policy_spec_discrete_and_box():
 
 def test_atari_pong_gets_standard_preprocessing():
     pytest.importorskip("ale_py")
-    config = EnvConfig(id="ALE/Pong-v5", num_envs=2)
-    env = make_vec_env(config, actor_id=0)
+    config = EnvConfig(id="ALE/Pong-v5")
+    env = make_vec_env(config, num_envs=2, actor_id=0)
     assert env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     assert env.single_observation_space.shape == (4, 84, 84)
-    obs, _ = seeded_reset(env, env_seeds(config, 0))
+    obs, _ = seeded_reset(env, env_seeds(config, 0, num_envs=2))
     assert obs.shape == (2, 4, 84, 84) and obs.dtype == np.uint8
     obs, rewards, terminated, truncated, _ = env.step(np.zeros(2, np.int64))
     assert obs.shape == (2, 4, 84, 84) and obs.dtype == np.uint8

@@ -89,6 +89,11 @@ def prefetch_threads() -> list[threading.Thread]:
         ("device", "tpu"),
         ("max_nan_steps", 0),
         ("entropy_coef", -0.1),
+        ("lr", float("nan")),
+        ("gamma", float("nan")),
+        ("checkpoint_every", float("inf")),
+        ("prefetch", 10**9),
+        ("batch_size", 10**9),
     ],
 )
 def test_config_errors_start_with_the_field_name(field, value):

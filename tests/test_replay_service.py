@@ -66,6 +66,10 @@ def _thread(target, name: str) -> threading.Thread:
         ({"sampler": "uniform", "tolerance": 3.0}, "tolerance"),
         ({"max_staleness": -1}, "max_staleness"),
         ({"snapshot_every": 5.0}, "snapshot_every"),
+        ({"snapshot_every": float("inf"), "snapshot_path": "x"}, "snapshot_every"),
+        ({"sampler": "uniform", "samples_per_insert": float("nan")}, "samples_per_insert"),
+        ({"sampler": "uniform", "samples_per_insert": 1.0, "tolerance": float("inf")}, "tolerance"),
+        ({"capacity_fragments": 10**12}, "capacity_fragments"),
     ],
 )
 def test_config_refuses_bad_settings_naming_the_field(kwargs, field):

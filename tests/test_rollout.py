@@ -17,6 +17,7 @@ import torch
 from actors.envs import EnvConfig, env_seeds, policy_spec, probe_spaces
 from actors.rollout import (
     MAX_CONSECUTIVE_ENV_ERRORS,
+    MAX_NUM_ENVS,
     ActorConfig,
     LocalWeights,
     MemorySink,
@@ -24,6 +25,7 @@ from actors.rollout import (
 )
 from learner.policy import PolicySpec, load_numpy_state_dict, make_policy, state_dict_to_numpy
 from replay.codec import decode
+from replay.fields import FieldError
 
 _HOOKS = ("failures_left", "reset_failures_left", "nan_rewards_left")
 
@@ -62,7 +64,7 @@ def _actor(
     weights=None,
     **actor_kwargs,
 ) -> tuple[RolloutActor, MemorySink]:
-    env_config = EnvConfig(id=env_id, num_envs=num_envs, kwargs=env_kwargs or {})
+    env_config = EnvConfig(id=env_id, kwargs=env_kwargs or {})
     actor_config = ActorConfig(num_envs=num_envs, unroll_length=unroll_length, **actor_kwargs)
     sink = MemorySink() if sink is None else sink
     spec = _spec(env_config)
@@ -352,7 +354,7 @@ def test_run_sends_every_collected_fragment_then_flushes():
 
 
 def test_env_error_rebuilds_the_env_and_drops_broken_episodes():
-    env_config = EnvConfig(id=scripted_env.CALLABLE_ID, num_envs=2)
+    env_config = EnvConfig(id=scripted_env.CALLABLE_ID)
     actor, sink = _actor(scripted_env.CALLABLE_ID, num_envs=2, unroll_length=5)
     first = actor.collect()
     # 3 steps, an autoreset step, then 1 step of an episode that the failure will cut short.
@@ -361,7 +363,7 @@ def test_env_error_rebuilds_the_env_and_drops_broken_episodes():
     second = actor.collect()
     # A fresh env with new seeds: row 0 is a reset observation, not an autoreset step.
     assert second.obs[0, :, 0].tolist() == [0, 0]
-    assert second.obs[0, :, 1].tolist() == env_seeds(env_config, 0, generation=1)
+    assert second.obs[0, :, 1].tolist() == env_seeds(env_config, 0, num_envs=2, generation=1)
     assert not second.autoreset[0].any()
     assert second.rewards[:, 0].tolist() == [1, 2, 3, 0, 1]
     stats = actor.stats()
@@ -372,17 +374,17 @@ def test_env_error_rebuilds_the_env_and_drops_broken_episodes():
 
 
 def test_reset_failures_at_start_and_during_a_rebuild_are_recovered():
-    env_config = EnvConfig(id=scripted_env.CALLABLE_ID, num_envs=2)
+    env_config = EnvConfig(id=scripted_env.CALLABLE_ID)
     scripted_env.ScriptedEnv.reset_failures_left = 1
     actor, sink = _actor(scripted_env.CALLABLE_ID, num_envs=2, unroll_length=4)
     assert actor.stats().env_errors == 1
     first = actor.collect()
-    assert first.obs[0, :, 1].tolist() == env_seeds(env_config, 0, generation=1)
+    assert first.obs[0, :, 1].tolist() == env_seeds(env_config, 0, num_envs=2, generation=1)
     # A step fails, then the rebuilt env's first reset fails too: two errors, one fragment.
     scripted_env.ScriptedEnv.failures_left = 1
     scripted_env.ScriptedEnv.reset_failures_left = 1
     second = actor.collect()
-    assert second.obs[0, :, 1].tolist() == env_seeds(env_config, 0, generation=3)
+    assert second.obs[0, :, 1].tolist() == env_seeds(env_config, 0, num_envs=2, generation=3)
     assert second.obs[0, :, 0].tolist() == [0, 0] and not second.autoreset[0].any()
     assert actor.stats().env_errors == 3
     assert len(_decoded(sink)) == 2
@@ -424,24 +426,25 @@ def test_an_env_that_keeps_failing_raises():
         ({"max_lag": -1}, "max_lag"),
         ({"max_lag": 1.5}, "max_lag"),
         ({"max_lag_timeout_s": 0}, "max_lag_timeout_s"),
-        ({"max_inflight": 0}, "max_inflight"),
-        ({"num_cpus": 0}, "num_cpus"),
+        ({"max_lag_timeout_s": math.nan}, "max_lag_timeout_s"),
+        ({"max_lag_timeout_s": math.inf}, "max_lag_timeout_s"),
+        ({"num_envs": MAX_NUM_ENVS + 1}, "num_envs"),
         ({"torch_threads": 0}, "torch_threads"),
     ],
 )
 def test_actor_config_rejects_bad_values_naming_the_field(changes, field):
-    with pytest.raises(ValueError, match=f"^{field}"):
+    with pytest.raises(FieldError, match=f"^{field}") as info:
         ActorConfig(**changes)
+    assert info.value.field == field
     assert all(f.metadata.get("doc") for f in dataclasses.fields(ActorConfig))
-    assert ActorConfig(num_cpus=0.5).num_cpus == 0.5
 
 
-def test_actor_num_envs_wins_and_a_mismatched_spec_is_refused():
-    env_config = EnvConfig(num_envs=4)
+def test_actor_num_envs_sets_the_vector_env_and_a_mismatched_spec_is_refused():
+    env_config = EnvConfig()
     spec = _spec(env_config)
     kwargs = {"sink": MemorySink(), "weights": LocalWeights()}
     actor = RolloutActor(0, env_config, ActorConfig(num_envs=8, unroll_length=2), spec, **kwargs)
     assert actor.collect().obs.shape == (3, 8, 4)
-    pendulum = EnvConfig(id="Pendulum-v1", num_envs=4)
+    pendulum = EnvConfig(id="Pendulum-v1")
     with pytest.raises(ValueError, match="observations have shape"):
         RolloutActor(0, pendulum, ActorConfig(num_envs=4), spec, **kwargs)
