@@ -1,0 +1,106 @@
+"""The rollout actor's Ray actor: `RolloutWorker` steps a `RolloutActor` in its own thread and
+sends its fragments to the replay service through `RaySink`."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import threading
+from typing import Any
+
+import ray
+
+from actors.envs import EnvConfig
+from actors.rollout import ActorConfig, RolloutActor
+from deploy.weights import RayWeightSource
+from deploy.workers import CALL_TIMEOUT
+from learner.policy import PolicySpec
+
+
+class RaySink:
+    """`actors.rollout.FragmentSink` over the replay actor, with bounded inserts in flight."""
+
+    def __init__(self, replay: Any, max_inflight: int):
+        self._replay = replay
+        self._max_inflight = max_inflight
+        self._pending: collections.deque = collections.deque()
+        self.rejected = 0
+        self.accepted = 0  # inserts the service acknowledged (the driver's lost-fragment count)
+
+    def put(self, data: bytes) -> None:
+        self._pending.append(self._replay.insert.remote(data))
+        while len(self._pending) > self._max_inflight:
+            self._settle(self._pending.popleft())
+
+    def flush(self) -> None:
+        while self._pending:
+            self._settle(self._pending.popleft())
+
+    def _settle(self, ref: Any) -> None:
+        if ray.get(ref, timeout=CALL_TIMEOUT):
+            self.accepted += 1
+        else:
+            self.rejected += 1
+
+
+class RolloutWorker:
+    """A rollout actor stepping in its own named thread, so stats and stop calls get through."""
+
+    def __init__(
+        self,
+        actor_id: int,
+        env_config: EnvConfig,
+        actor_config: ActorConfig,
+        spec: dict,
+        replay: Any,
+        store: Any,
+        max_inflight: int,
+    ):
+        self.actor_id = actor_id
+        self._sink = RaySink(replay, max_inflight)
+        self._actor = RolloutActor(
+            actor_id,
+            env_config,
+            actor_config,
+            PolicySpec.from_dict(spec),
+            sink=self._sink,
+            weights=RayWeightSource(store),
+        )
+        self._stop = threading.Event()
+        self._error: str | None = None
+        self._thread = threading.Thread(
+            target=self._loop, name=f"offpg-rollout-{actor_id}", daemon=True
+        )
+
+    def start(self) -> int:
+        self._thread.start()
+        return self.actor_id
+
+    def _loop(self) -> None:
+        try:
+            self._actor.run(self._stop)
+        except BaseException as exc:  # reported through stats(); the driver restarts us
+            self._error = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def stats(self) -> dict:
+        stats = dataclasses.asdict(self._actor.stats())
+        stats["rejected"] = self._sink.rejected
+        stats["inserted"] = self._sink.accepted
+        stats["error"] = self._error
+        # A threaded actor may answer stats() before start(): a thread not started yet is
+        # not a dead one (ident is None until it starts).
+        stats["alive"] = self._thread.is_alive() or self._thread.ident is None
+        stats["node_id"] = ray.get_runtime_context().get_node_id()
+        return stats
+
+    def pid(self) -> int:
+        """This worker's process id (fault-injection tests SIGKILL it)."""
+        return os.getpid()
+
+    def stop(self, timeout: float = 30.0) -> dict:
+        """Finish the fragment in progress, send it, and return the final stats."""
+        self._stop.set()
+        self._thread.join(timeout)
+        return self.stats()

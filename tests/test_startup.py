@@ -1,0 +1,40 @@
+"""Start-up: the processes that need no torch do not import it, and a run's summary carries the
+moments it went through, in order."""
+
+from __future__ import annotations
+
+import sys
+
+import ray
+
+from deploy import topology
+from replay.service import ReplayConfig
+
+#: Packages only the learner and the rollout actors need.
+HEAVY = ("torch", "gymnasium")
+
+
+def heavy_modules(handle) -> list[str]:
+    """The torch and Gymnasium modules loaded in the process of the actor `handle`."""
+
+    # Defined in here so that Ray ships the function itself, not a reference to this module
+    # (importing this test module in the actor would load torch).
+    def loaded(_actor) -> list[str]:
+        return sorted(m for m in sys.modules if m.split(".")[0] in HEAVY_NAMES)
+
+    HEAVY_NAMES = HEAVY
+    return ray.get(handle.__ray_call__.remote(loaded), timeout=120)
+
+
+def test_replay_store_and_controller_processes_import_no_torch(local_ray, tmp_path):
+    replay = topology.start_replay(ReplayConfig(capacity_fragments=4))
+    store = topology.start_store()
+    controller = topology.start_controller("lean", 1)
+    learner_like = topology.start_store()
+    for name, handle in [("replay", replay), ("store", store), ("controller", controller)]:
+        assert heavy_modules(handle) == [], f"the {name} process imported torch or Gymnasium"
+    # The check can fail: a process that did import torch shows it.
+    ray.get(learner_like.__ray_call__.remote(lambda _actor: __import__("torch").zeros(1)))
+    assert "torch" in heavy_modules(learner_like)
+    for handle in (replay, store, controller, learner_like):
+        ray.kill(handle)
