@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from deploy.config import JobConfig
 from deploy.controller import NAMESPACE, Controller, controller_name
 from deploy.workers import CALL_TIMEOUT as CALL_TIMEOUT  # the driver's too (re-exported)
+from deploy.workers import replay as replay_worker
 from deploy.workers.learner import LearnerWorker
 from deploy.workers.replay import ReplayWorker
 from deploy.workers.rollout import RolloutWorker
@@ -46,20 +47,23 @@ def learner_wants_gpu(config: LearnerConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def start_replay(config: ReplayConfig, node_id: str | None = None) -> Any:
+def start_replay(
+    config: ReplayConfig, node_id: str | None = None, threads: dict[str, int] | None = None
+) -> Any:
     """The replay service, on `node_id` when given (hard affinity: it lives and dies with that
     node), so the learner's batches and the actors' fragments each cross the network at most
-    once."""
+    once. `threads` overrides sizes of its concurrency groups (`deploy.workers.replay.THREADS`)."""
     strategy = (
         # Hard affinity: soft affinity lets Ray place it elsewhere when that node is busy. The
         # learner is on that node now, so it is alive.
         NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id is not None else "DEFAULT"
     )
     return (
-        ray.remote(ReplayWorker)
+        ray.remote(concurrency_groups={**replay_worker.THREADS, **(threads or {})})(ReplayWorker)
         .options(
             num_cpus=0,
-            max_concurrency=64,
+            # The default group serves the rest (close, can_insert): nothing that waits long.
+            max_concurrency=2,
             scheduling_strategy=strategy,
             max_restarts=-1,
             max_task_retries=-1,

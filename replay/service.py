@@ -1,9 +1,11 @@
 """`ReplayService`: where stale trajectory fragments wait for the learner.
 
-A plain, thread-safe Python class. `deploy/` turns it into a Ray actor at the edge with
-`ray.remote(max_concurrency=N)(ReplayService)`; every method then runs on one of N threads of
-the actor, which is why all state sits behind one `threading.Condition` and every blocking call
-waits on it with a timeout (and wakes up on `close()`).
+A plain, thread-safe Python class. `deploy/` turns it into a threaded Ray actor at the edge
+(`deploy.topology.ReplayWorker`: inserts, samples and control calls each on their own threads);
+every method may run on any thread, which is why all state sits behind one
+`threading.Condition` and every blocking call waits on it with a timeout (and wakes up on
+`close()`). An insert the rate limiter holds back for its whole wait returns
+`InsertResult.HELD_BACK`, and the caller sends it again: that is the actors' backpressure.
 
 The policy is explicit in a frozen `ReplayConfig` (`replay.config`; also importable from here):
 
@@ -32,6 +34,7 @@ costs). `sample` is for in-process use.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import random
@@ -62,6 +65,22 @@ COUNTERS = (
 )
 #: Upper edges of the lag histogram buckets; the last bucket is open.
 LAG_BUCKETS = (0, 1, 2, 4, 8, 16, 32)
+
+
+class InsertResult(enum.Enum):
+    """What became of one insert. True (in `if service.insert(...)`) only when ACCEPTED."""
+
+    #: Stored (and counted in `inserted`).
+    ACCEPTED = "accepted"
+    #: Refused for good: bad bytes, too large, a duplicate id, or the service is closed
+    #: (counted in `stats()["rejected"]` by reason). Sending it again cannot help.
+    REJECTED = "rejected"
+    #: The rate limiter held it back for the whole wait (counted in `insert_timeouts`); the
+    #: contents are unchanged and the same bytes may be sent again (backpressure).
+    HELD_BACK = "held_back"
+
+    def __bool__(self) -> bool:
+        return self is InsertResult.ACCEPTED
 
 
 class ReplayService:
@@ -95,27 +114,28 @@ class ReplayService:
 
     # ------------------------------------------------------------------ insert
 
-    def insert(self, data: bytes, timeout: float | None = None) -> bool:
+    def insert(self, data: bytes, timeout: float | None = None) -> InsertResult:
         """Decode, validate and store one encoded fragment.
 
         Blocks while the rate limiter holds inserts back, at most `timeout` seconds (None: until
-        allowed or closed). Returns False, leaving contents unchanged, when the message is
-        rejected (counted in `stats()["rejected"]` by reason) or the wait timed out.
+        allowed or closed). Returns ACCEPTED, REJECTED (the message is refused for good,
+        counted in `stats()["rejected"]` by reason) or HELD_BACK (the wait ran out; try again);
+        contents are unchanged unless ACCEPTED.
         """
         try:
             fragment = codec.decode(data, max_bytes=self.config.max_message_bytes)
         except InvalidFragment as exc:
             self._reject(exc)
-            return False
+            return InsertResult.REJECTED
         return self._insert_valid(fragment, timeout)
 
-    def insert_fragment(self, fragment: Fragment, timeout: float | None = None) -> bool:
+    def insert_fragment(self, fragment: Fragment, timeout: float | None = None) -> InsertResult:
         """Validate and store an already-decoded fragment (the in-process path); as `insert`."""
         try:
             validate(fragment)
         except InvalidFragment as exc:
             self._reject(exc)
-            return False
+            return InsertResult.REJECTED
         return self._insert_valid(fragment, timeout)
 
     def can_insert(self) -> bool:
@@ -129,27 +149,29 @@ class ReplayService:
         with self._cond:
             self._rejected[exc.reason] += 1
 
-    def _insert_valid(self, fragment: Fragment, timeout: float | None) -> bool:
+    def _insert_valid(self, fragment: Fragment, timeout: float | None) -> InsertResult:
         nbytes = fragment.nbytes
         with self._cond:
             if nbytes > self.config.capacity_bytes:
-                self._rejected["too_large"] += 1
-                return False
+                return self._refuse("too_large")
             if fragment.fragment_id in self._table:
-                self._rejected["duplicate_id"] += 1
-                return False
+                return self._refuse("duplicate_id")
             if not self._wait(self._insert_may_go, timeout, "insert"):
-                return False
+                return self._refuse("closed") if self._closed else InsertResult.HELD_BACK
             if fragment.fragment_id in self._table:  # inserted by another thread while we waited
-                self._rejected["duplicate_id"] += 1
-                return False
+                return self._refuse("duplicate_id")
             self._table.add(Item(self._next_seq, fragment, nbytes))
             self._next_seq += 1
             self._counters["inserted"] += 1
             self._limiter.on_insert()
             self._evict_over_capacity()
             self._cond.notify_all()
-            return True
+            return InsertResult.ACCEPTED
+
+    def _refuse(self, reason: str) -> InsertResult:
+        """Count a refusal by `reason` (the caller holds `self._cond`)."""
+        self._rejected[reason] += 1
+        return InsertResult.REJECTED
 
     def _insert_may_go(self) -> bool:
         return self._limiter.can_insert(len(self._table))

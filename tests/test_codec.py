@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replay import codec
-from replay.service import ReplayConfig, ReplayService
+from replay.service import InsertResult, ReplayConfig, ReplayService
 from replay.trajectory import EPISODE_FIELDS, FIELD_NAMES, SCHEMA_VERSION, InvalidFragment
 
 OBS_KINDS = {
@@ -247,7 +247,7 @@ def test_malformed_message_is_rejected_and_changes_nothing_but_rejected(
     for frag in held:
         assert service.insert_fragment(frag)
     before = service.stats()
-    assert service.insert(data, timeout=0) is False
+    assert service.insert(data, timeout=0) is InsertResult.REJECTED
     after = service.stats()
     assert after.pop("rejected") == {reason: 1}
     assert before.pop("rejected") == {}

@@ -33,6 +33,7 @@ from deploy.config import load_config
 from deploy.job import Job, train
 from learner import checkpoint
 from replay import codec
+from replay.service import InsertResult
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,7 +137,7 @@ class Chaos:
     def __init__(self) -> None:
         self.phase = 0
         self.done: list[str] = []
-        self.bad_results: list[bool] = []
+        self.bad_results: list[InsertResult] = []
         self.rejected_before: dict[str, int] = {}
         self.rejected_after: dict[str, int] = {}
         self.version_before_learner_kill = -1
@@ -213,7 +214,7 @@ def test_running_job_survives_faults_and_still_solves(local_ray, tmp_path):
     assert summary.replay_restarts == 1
     assert 0 < summary.lost_fragments < 3000, summary.lost_fragments
     # Malformed bytes: each refused and counted by reason, training went on.
-    assert chaos.bad_results == [False, False, False]
+    assert chaos.bad_results == [InsertResult.REJECTED] * 3
     assert (
         chaos.rejected_after.get("not_msgpack", 0)
         >= chaos.rejected_before.get("not_msgpack", 0) + 1

@@ -9,7 +9,7 @@ import numpy as np
 import ray
 
 from replay import codec
-from replay.service import ReplayConfig, ReplayService
+from replay.service import InsertResult, ReplayConfig, ReplayService
 from replay.trajectory import Fragment
 
 PRODUCERS = 8
@@ -103,7 +103,7 @@ def test_fifo_with_8_producers_delivers_each_fragment_once_or_counts_it(local_ra
 
 def test_actor_rejects_bad_bytes_and_serves_a_waiting_learner(local_ray):
     service = _service(ReplayConfig.fifo_queue())
-    assert ray.get(service.insert.remote(b"\x92\x01\x02", 1.0), timeout=60) is False
+    assert ray.get(service.insert.remote(b"\x92\x01\x02", 1.0), timeout=60) is InsertResult.REJECTED
     waiting = service.sample.remote(1, 0, 30.0)  # blocks inside the actor on one thread ...
     deadline = time.monotonic() + 30
     while ray.get(service.stats.remote(), timeout=60)["sample_waits"] < 1:

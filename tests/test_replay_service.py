@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from replay import codec
-from replay.service import ReplayConfig, ReplayService
+from replay.service import InsertResult, ReplayConfig, ReplayService
 from replay.trajectory import Batch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,14 +213,15 @@ def test_capacity_in_bytes_evicts_oldest_first(make_fragment, fill):
 
 def test_fragment_larger_than_byte_capacity_is_rejected(make_fragment):
     service = ReplayService(ReplayConfig.fifo_queue(capacity_bytes=100))
-    assert service.insert_fragment(make_fragment(8, 8)) is False
+    assert service.insert_fragment(make_fragment(8, 8)) is InsertResult.REJECTED
     assert service.stats()["rejected"] == {"too_large": 1}
 
 
 def test_duplicate_fragment_id_is_rejected(make_fragment):
     service = ReplayService(ReplayConfig.fifo_queue())
-    assert service.insert(codec.encode(make_fragment(fragment_id="a")))
-    assert not service.insert(codec.encode(make_fragment(fragment_id="a", seed=1)))
+    assert service.insert(codec.encode(make_fragment(fragment_id="a"))) is InsertResult.ACCEPTED
+    again = service.insert(codec.encode(make_fragment(fragment_id="a", seed=1)))
+    assert again is InsertResult.REJECTED
     assert service.stats()["rejected"] == {"duplicate_id": 1}
 
 
@@ -289,7 +290,8 @@ def test_rate_limiter_table(
 
     sampler, inserter = prepared(), prepared()
     assert (sampler.sample(batch, learner_version=0, timeout=0) is not None) == sample_ok
-    assert inserter.insert_fragment(make_fragment(fragment_id="probe"), timeout=0) == insert_ok
+    probe = inserter.insert_fragment(make_fragment(fragment_id="probe"), timeout=0)
+    assert probe is (InsertResult.ACCEPTED if insert_ok else InsertResult.HELD_BACK)
     assert sampler.stats()["sample_timeouts"] == int(not sample_ok)
     assert inserter.stats()["insert_timeouts"] == int(not insert_ok)
 
@@ -307,7 +309,7 @@ def test_blocked_insert_resumes_when_the_learner_samples(fill, make_fragment):
     assert producer.is_alive(), "the insert should be blocked by the ratio"
     assert service.sample(1, learner_version=0, timeout=1.0) is not None
     producer.join(5.0)
-    assert results == [True]
+    assert results == [InsertResult.ACCEPTED]
     stats = service.stats()
     assert stats["insert_waits"] == 1 and stats["insert_timeouts"] == 0
 
@@ -318,7 +320,8 @@ def test_insert_is_never_blocked_while_a_sampler_starves(fill, make_fragment):
     config = ReplayConfig.uniform_replay(samples_per_insert=4.0, tolerance=8.0, seed=0)
     service = ReplayService(config)
     fill(service, 3)
-    assert not service.insert_fragment(make_fragment(fragment_id="early"), timeout=0)
+    early = service.insert_fragment(make_fragment(fragment_id="early"), timeout=0)
+    assert early is InsertResult.HELD_BACK
     results = []
     learner = _thread(
         lambda: results.append(service.sample(8, learner_version=0, timeout=5.0)), "test-learner"
@@ -326,6 +329,22 @@ def test_insert_is_never_blocked_while_a_sampler_starves(fill, make_fragment):
     fill(service, 5, start=3)
     learner.join(5.0)
     assert results and results[0] is not None and len(results[0].fragment_ids) == 8
+
+
+def test_held_back_insert_changes_nothing_and_the_same_bytes_go_later(fill, make_fragment):
+    service = ReplayService(ReplayConfig.uniform_replay(samples_per_insert=1.0, tolerance=1.0))
+    fill(service, 2)
+    data = codec.encode(make_fragment(fragment_id="late"))
+    assert service.insert(data, timeout=0.05) is InsertResult.HELD_BACK
+    stats = service.stats()
+    assert (stats["size_fragments"], stats["inserted"], stats["rejected"]) == (2, 2, {})
+    assert stats["insert_timeouts"] == 1
+    assert service.sample(1, learner_version=0, timeout=0) is not None
+    assert service.insert(data, timeout=0) is InsertResult.ACCEPTED  # not a duplicate
+    service.close()
+    after_close = service.insert(codec.encode(make_fragment(fragment_id="x")), timeout=0)
+    assert after_close is InsertResult.REJECTED
+    assert service.stats()["rejected"] == {"closed": 1}
 
 
 def test_batch_larger_than_the_limiter_window_is_refused(fill):

@@ -10,12 +10,20 @@ plain classes that need neither. `deploy.topology` gives each its resources and 
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 import warnings
+from typing import Any
 
 import ray
 
+log = logging.getLogger(__name__)
+
 #: Seconds any driver-side Ray call may block before it is reported as stuck.
 CALL_TIMEOUT = 60.0
+#: Seconds between looks at a stop flag while waiting on a slow call (`wait_patiently`).
+STOP_CHECK_S = 0.5
 
 
 def was_restarted() -> bool:
@@ -24,3 +32,17 @@ def was_restarted() -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+def wait_patiently(ref: Any, what: str, stop: threading.Event | None = None) -> Any:
+    """`ray.get(ref)` without a deadline that would fail the run: a call queued behind
+    backpressure is slow, not lost (a dead actor raises, and Ray retries calls to restarted
+    ones). Logs a warning every `CALL_TIMEOUT` s of waiting; returns None once `stop` is set."""
+    start = warned = time.monotonic()
+    while not ray.wait([ref], timeout=STOP_CHECK_S)[0]:
+        if stop is not None and stop.is_set():
+            return None
+        if (now := time.monotonic()) - warned >= CALL_TIMEOUT:
+            log.warning("%s not answered after %.0f s; still waiting", what, now - start)
+            warned = now
+    return ray.get(ref)

@@ -12,12 +12,15 @@ from typing import Any
 import ray
 
 from deploy.weights import publisher
-from deploy.workers import CALL_TIMEOUT, was_restarted
+from deploy.workers import CALL_TIMEOUT, wait_patiently, was_restarted
 from learner.learner import Learner, LearnerConfig
 from learner.policy import PolicySpec
 from replay.trajectory import Batch
 
 log = logging.getLogger(__name__)
+
+#: Seconds a sample call waits for a batch in the replay before it answers None (asked again).
+SAMPLE_WAIT_S = 0.5
 
 
 class LearnerWorker:
@@ -90,12 +93,10 @@ class LearnerWorker:
         # fragments service-side stacking cost 4.4x the raw transfer, learner-side 1.0x
         # (benchmarks/replay.py), and the service's lock is held for less time.
         while not self._stop.is_set():
-            fragments = ray.get(
-                self._replay.sample_fragments.remote(
-                    self._batch_size, self.learner.version, timeout=0.5
-                ),
-                timeout=CALL_TIMEOUT,
+            ref = self._replay.sample_fragments.remote(
+                self._batch_size, self.learner.version, timeout=SAMPLE_WAIT_S
             )
+            fragments = wait_patiently(ref, "replay sample", self._stop)
             if fragments is not None:
                 yield Batch.stack(fragments)
 

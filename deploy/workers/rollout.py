@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import os
 import threading
+import time
 from typing import Any
 
 import ray
@@ -14,31 +15,49 @@ import ray
 from actors.envs import EnvConfig
 from actors.rollout import ActorConfig, RolloutActor
 from deploy.weights import RayWeightSource
-from deploy.workers import CALL_TIMEOUT
+from deploy.workers import wait_patiently
 from learner.policy import PolicySpec
+from replay.service import InsertResult
 
 
 class RaySink:
-    """`actors.rollout.FragmentSink` over the replay actor, with bounded inserts in flight."""
+    """`actors.rollout.FragmentSink` over the replay actor, with bounded inserts in flight.
+
+    An insert the replay holds back (`InsertResult.HELD_BACK`: its rate limiter waits for the
+    learner) is sent again until it is accepted or rejected: the actor blocks, which is the
+    backpressure, and no timeout ends it. Every fragment put is in exactly one of `accepted`
+    and `rejected` once `flush` returns.
+    """
 
     def __init__(self, replay: Any, max_inflight: int):
         self._replay = replay
         self._max_inflight = max_inflight
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque = collections.deque()  # (ref, data), oldest first
         self.rejected = 0
         self.accepted = 0  # inserts the service acknowledged (the driver's lost-fragment count)
+        self.held_back = 0  # HELD_BACK answers, each followed by a resend
+        #: Seconds `put` and `flush` blocked waiting for inserts to settle: the time the actor
+        #: did not collect because the replay (its rate limiter, or its queue) held it back.
+        self.backpressure_s = 0.0
 
     def put(self, data: bytes) -> None:
-        self._pending.append(self._replay.insert.remote(data))
+        self._pending.append((self._replay.insert.remote(data), data))
         while len(self._pending) > self._max_inflight:
-            self._settle(self._pending.popleft())
+            self._settle(*self._pending.popleft())
 
     def flush(self) -> None:
         while self._pending:
-            self._settle(self._pending.popleft())
+            self._settle(*self._pending.popleft())
 
-    def _settle(self, ref: Any) -> None:
-        if ray.get(ref, timeout=CALL_TIMEOUT):
+    def _settle(self, ref: Any, data: bytes) -> None:
+        start = time.monotonic()
+        try:
+            while (result := wait_patiently(ref, "replay insert")) is InsertResult.HELD_BACK:
+                self.held_back += 1
+                ref = self._replay.insert.remote(data)
+        finally:
+            self.backpressure_s += time.monotonic() - start
+        if result is InsertResult.ACCEPTED:
             self.accepted += 1
         else:
             self.rejected += 1
@@ -88,6 +107,8 @@ class RolloutWorker:
         stats = dataclasses.asdict(self._actor.stats())
         stats["rejected"] = self._sink.rejected
         stats["inserted"] = self._sink.accepted
+        stats["held_back"] = self._sink.held_back
+        stats["backpressure_s"] = self._sink.backpressure_s
         stats["error"] = self._error
         # A threaded actor may answer stats() before start(): a thread not started yet is
         # not a dead one (ident is None until it starts).
