@@ -10,8 +10,11 @@ holding exactly the `trajectory.FIELDS`, `META_FIELDS` and `EPISODE_FIELDS` keys
 
     u8 len(dtype name) | dtype name (ascii, e.g. b"float32") | u8 ndim | ndim x u64 dims | raw bytes
 
-in little-endian, C order. `decode` views the raw bytes with `np.frombuffer` (no copy beyond the
-one msgpack makes when it slices out the ext payload), so decoded arrays are read-only.
+in little-endian, C order. `encode` writes with msgpack. `decode` reads the top-level map
+itself, bounded by the schema: a key is checked before its value is read, and no msgpack array,
+map or binary (none is in the schema) is ever read, so a crafted message is refused after a few
+header bytes, whatever it declares. Arrays are `np.frombuffer` views of the message (read-only,
+no copy), so decoding needs memory only for validating them (`validate`).
 
 Every way a message can be wrong raises `InvalidFragment` with a message that says what, and a
 `reason` key the replay service counts rejections by:
@@ -19,13 +22,15 @@ Every way a message can be wrong raises `InvalidFragment` with a message that sa
     oversized       the message is longer than `max_bytes`
     truncated       the bytes end in the middle of a msgpack object
     not_msgpack     not msgpack at all, or trailing bytes after the message
-    structure       valid msgpack, but not a map of named fields
+    structure       not a map of named fields (a key that is not a str, or appears twice)
     schema_version  missing, or a version this build does not read
     missing_field   a schema field is absent
     unknown_field   a key the schema does not know
     array           an array field that is not a well-formed array extension
     dtype, shape, non_finite, logp_positive, autoreset, invalid
-                    from `trajectory.validate`: the arrays disagree with `FIELDS` or each other
+                    from `trajectory.validate`: the arrays disagree with `FIELDS` or each other,
+                    or metadata has the wrong type (`invalid`, also for a metadata field that is
+                    a msgpack array, map or binary, or a str over `MAX_STR_BYTES`)
 """
 
 from __future__ import annotations
@@ -52,8 +57,11 @@ ARRAY_EXT_CODE = 1
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 #: Upper bound on array rank; the schema needs at most 2 + len(obs_shape).
 MAX_NDIM = 8
-#: Upper bound on a single dimension, far above any real T, N or image side.
-MAX_DIM = 1 << 31
+#: Upper bound on the elements an array may declare, its dimensions' product with empty ones
+#: counted as 1: far above any real fragment, and always within what numpy can index.
+MAX_ELEMENTS = 1 << 31
+#: Upper bound on a str value (`fragment_id`).
+MAX_STR_BYTES = 1 << 16
 #: The dtypes an array may carry on the wire. Wider than the schema on purpose, so that a
 #: float64 reward decodes and is then refused by `validate` with a message naming the field.
 WIRE_DTYPES: dict[str, np.dtype] = {
@@ -75,7 +83,24 @@ WIRE_DTYPES: dict[str, np.dtype] = {
 }
 VERSION_KEY = "schema_version"
 _ARRAY_KEYS = (*FIELD_NAMES, *EPISODE_FIELDS)
+_ARRAY_KEY_SET = frozenset(_ARRAY_KEYS)
 _EXPECTED_KEYS = frozenset((VERSION_KEY, *_ARRAY_KEYS, *META_FIELDS))
+_MAX_KEY_BYTES = max(len(key.encode()) for key in _EXPECTED_KEYS)
+# msgpack formats (https://github.com/msgpack/msgpack/blob/master/spec.md) by first byte, for
+# those whose length or number follows in big-endian bytes: how to read those bytes.
+_FOLLOWING = {
+    first: struct.Struct(">" + code)
+    for first, code in (
+        *((0xDE, "H"), (0xDF, "I")),  # map 16, 32
+        *((0xD9, "B"), (0xDA, "H"), (0xDB, "I")),  # str 8, 16, 32
+        *((0xC7, "B"), (0xC8, "H"), (0xC9, "I")),  # ext 8, 16, 32
+        *((0xCA, "f"), (0xCB, "d")),  # float 32, 64
+        *((0xCC, "B"), (0xCD, "H"), (0xCE, "I"), (0xCF, "Q")),  # uint 8, 16, 32, 64
+        *((0xD0, "b"), (0xD1, "h"), (0xD2, "i"), (0xD3, "q")),  # int 8, 16, 32, 64
+    )
+}
+_CONSTANTS = {0xC0: None, 0xC2: False, 0xC3: True}
+_SCALAR_KINDS = frozenset(("int", "str", "float", "bool", "NoneType"))
 
 
 def encode(fragment: Fragment, *, check: bool = True) -> bytes:
@@ -106,11 +131,11 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Fragment:
     """Parse and validate msgpack bytes written by `encode`.
 
     Args:
-      data: the message (bytes, bytearray or memoryview).
+      data: the message (bytes, bytearray or memoryview; anything but bytes is copied once).
       max_bytes: messages longer than this are refused before parsing.
 
     Returns:
-      A validated `Fragment` whose arrays are read-only views of the message's buffers.
+      A validated `Fragment` whose arrays are read-only views of the message.
 
     Raises:
       InvalidFragment: for anything malformed; `reason` is one of the keys in the module doc.
@@ -122,60 +147,188 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Fragment:
         raise InvalidFragment(
             f"message is {size} bytes, larger than the limit of {max_bytes}", "oversized"
         )
-    message = _unpack(data, size)
-    if not isinstance(message, dict):
-        raise InvalidFragment(
-            f"message must be a msgpack map of fields, got {type(message).__name__}", "structure"
-        )
-    if VERSION_KEY not in message:
+    # The arrays are views of the message: a buffer the caller could still change is copied.
+    reader = _Reader(data if isinstance(data, bytes) else bytes(data))
+    values, payloads = reader.read_message()
+    if VERSION_KEY not in values:
         raise InvalidFragment(f"message has no {VERSION_KEY}", "schema_version")
-    version = message[VERSION_KEY]
-    if version != SCHEMA_VERSION or isinstance(version, bool):
-        raise InvalidFragment(
-            f"unknown {VERSION_KEY} {version!r}: this build reads version {SCHEMA_VERSION}",
-            "schema_version",
-        )
-    missing = [k for k in (*_ARRAY_KEYS, *META_FIELDS) if k not in message]
+    missing = [k for k in _ARRAY_KEYS if k not in payloads]
+    missing += [k for k in META_FIELDS if k not in values]
     if missing:
         raise InvalidFragment(f"missing field(s): {', '.join(missing)}", "missing_field")
-    unknown = sorted(str(k) for k in message if k not in _EXPECTED_KEYS)
-    if unknown:
-        raise InvalidFragment(f"unknown field(s): {', '.join(unknown)}", "unknown_field")
-    fields = {name: _unpack_array(name, message[name]) for name in _ARRAY_KEYS}
-    fields.update({name: message[name] for name in META_FIELDS})
+    fields: dict[str, object] = {name: _unpack_array(name, *payloads[name]) for name in _ARRAY_KEYS}
+    fields.update({name: values[name] for name in META_FIELDS})
     return validate(Fragment(**fields))
 
 
-def _unpack(data: bytes | bytearray | memoryview, size: int) -> object:
-    try:
-        # ext_hook is left out on purpose: arrays come back as ExtType and are parsed only after
-        # the schema version has been checked. The length limits stop msgpack from allocating
-        # for a declared length the message cannot hold.
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=min(size, 1 << 16),
-            max_bin_len=size,
-            max_ext_len=size,
-            max_array_len=min(size, 1 << 16),
-            max_map_len=min(size, 1 << 10),
-        )
-    except msgpack.ExtraData as exc:
-        raise InvalidFragment(
-            f"{len(exc.extra)} trailing bytes after the message", "not_msgpack"
-        ) from exc
-    except (msgpack.FormatError, msgpack.StackError) as exc:
-        raise InvalidFragment(f"not msgpack: {type(exc).__name__}", "not_msgpack") from exc
-    except ValueError as exc:
-        if "incomplete input" in str(exc):
+def _kind(first: int) -> str:
+    """The Python type msgpack decodes a value to, told by the value's first byte."""
+    if first <= 0x7F or first >= 0xE0 or 0xCC <= first <= 0xD3:
+        return "int"
+    if 0xA0 <= first <= 0xBF or 0xD9 <= first <= 0xDB:
+        return "str"
+    if 0xC7 <= first <= 0xC9 or 0xD4 <= first <= 0xD8:
+        return "ExtType"
+    if 0x80 <= first <= 0x8F or first in (0xDE, 0xDF):
+        return "dict"
+    if 0x90 <= first <= 0x9F or first in (0xDC, 0xDD):
+        return "list"
+    kinds = {0xC0: "NoneType", 0xC2: "bool", 0xC3: "bool", 0xCA: "float", 0xCB: "float"}
+    return kinds.get(first, "bytes" if 0xC4 <= first <= 0xC6 else "invalid")
+
+
+_KINDS = tuple(_kind(first) for first in range(256))
+#: Each field name as msgpack writes it (fixstr), for the fast path of `_Reader._key`.
+_KEYS_BY_ENCODING = {msgpack.packb(key): key for key in _EXPECTED_KEYS}
+
+
+class _Reader:
+    """Reads a message with the schema in hand, one top-level entry at a time.
+
+    The message is a map of at most one entry per schema key; every value is a scalar or an
+    array extension. A key is checked before its value is read, and a value's msgpack type is
+    checked from its first byte before its contents are: msgpack arrays, maps and binaries
+    appear nowhere in the schema, so none is ever read, and an unknown or repeated key ends the
+    read. Extension payloads are memoryviews of the message (nothing is copied): reading takes
+    a few steps per key, whatever the message's size.
+    """
+
+    def __init__(self, data: bytes):
+        self._data = data
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read_message(self) -> tuple[dict[str, object], dict[str, tuple[int, memoryview]]]:
+        """The scalar values and the array extensions (code, payload) by key."""
+        first = self._byte()
+        if _KINDS[first] != "dict":
+            raise _wrong_kind("message must be a msgpack map of fields", first, "structure")
+        count = self._header(first, 0x80)
+        values: dict[str, object] = {}
+        payloads: dict[str, tuple[int, memoryview]] = {}
+        for _ in range(count):  # ends by the 14th key at most: it is unknown or repeated
+            key = self._key()
+            if key in values or key in payloads:
+                raise InvalidFragment(f"field {key} appears twice", "structure")
+            first = self._byte()
+            kind = _KINDS[first]
+            if key in _ARRAY_KEY_SET:
+                if kind != "ExtType":
+                    what = f"{key} must be an array (msgpack ext type {ARRAY_EXT_CODE})"
+                    raise _wrong_kind(what, first, "array")
+                payloads[key] = self._ext(first)
+            elif kind in _SCALAR_KINDS:
+                values[key] = value = self._scalar(first)
+                if key == VERSION_KEY and (type(value) is not int or value != SCHEMA_VERSION):
+                    raise InvalidFragment(
+                        f"unknown {VERSION_KEY} {value!r}: "
+                        f"this build reads version {SCHEMA_VERSION}",
+                        "schema_version",
+                    )
+            elif key == VERSION_KEY:
+                raise _wrong_kind(f"{key} must be an int", first, "schema_version")
+            else:
+                raise _wrong_kind(f"{key} must be {META_FIELDS[key].__name__}", first, "invalid")
+        if self._pos != len(self._data):
             raise InvalidFragment(
-                f"truncated message: {size} bytes end inside a msgpack object", "truncated"
+                f"{len(self._data) - self._pos} trailing bytes after the message", "not_msgpack"
+            )
+        return values, payloads
+
+    def _truncated(self) -> InvalidFragment:
+        return InvalidFragment(
+            f"truncated message: {len(self._data)} bytes end inside a msgpack object", "truncated"
+        )
+
+    def _byte(self) -> int:
+        """The byte at the read position (the first of the next value), not consumed."""
+        try:
+            return self._data[self._pos]
+        except IndexError:
+            raise self._truncated() from None
+
+    def _take(self, n: int) -> memoryview:
+        start, end = self._pos, self._pos + n
+        if end > len(self._data):
+            raise self._truncated()
+        self._pos = end
+        return self._view[start:end]
+
+    def _header(self, first: int, fix_base: int) -> int | float:
+        """Step over a header and return the number in it: a fix* format holds it in the first
+        byte (from `fix_base` up), the others in the bytes after it (`_FOLLOWING`)."""
+        pos = self._pos + 1
+        if first < 0xC0:
+            self._pos = pos
+            return first - fix_base
+        following = _FOLLOWING[first]
+        if pos + following.size > len(self._data):
+            raise self._truncated()
+        self._pos = pos + following.size
+        return following.unpack_from(self._data, pos)[0]
+
+    def _key(self) -> str:
+        first = self._byte()
+        if 0xA0 <= first <= 0xBF:  # a fixstr: how msgpack writes every field name
+            end = self._pos + 1 + first - 0xA0
+            key = _KEYS_BY_ENCODING.get(self._data[self._pos : end])
+            if key is not None:
+                self._pos = end
+                return key
+        if _KINDS[first] != "str":
+            raise _wrong_kind("message keys must be field names (str)", first, "structure")
+        length = self._header(first, 0xA0)
+        if length > _MAX_KEY_BYTES:
+            raise InvalidFragment(f"unknown field: a key of {length} bytes", "unknown_field")
+        key = self._text(length)
+        if key not in _EXPECTED_KEYS:
+            raise InvalidFragment(f"unknown field: {key}", "unknown_field")
+        return key
+
+    def _text(self, length: int) -> str:
+        try:
+            return str(self._take(length), "utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidFragment(
+                f"not msgpack: a str that is not UTF-8 ({exc})", "not_msgpack"
             ) from exc
-        raise InvalidFragment(f"not msgpack: {exc}", "not_msgpack") from exc
-    except (TypeError, OverflowError, RecursionError, MemoryError) as exc:
-        # TypeError: e.g. an unhashable map key; MemoryError: a nesting bomb within size.
-        raise InvalidFragment(f"not msgpack: {exc}", "not_msgpack") from exc
+
+    def _scalar(self, first: int) -> object:
+        """An int, float, bool, None or str (the caller has checked `_KINDS[first]`)."""
+        if first <= 0x7F or first >= 0xE0:  # positive and negative fixint
+            self._pos += 1
+            return first if first <= 0x7F else first - 0x100
+        if first in _CONSTANTS:
+            self._pos += 1
+            return _CONSTANTS[first]
+        if _KINDS[first] != "str":
+            return self._header(first, 0)  # an int or a float
+        length = self._header(first, 0xA0)
+        if length > MAX_STR_BYTES:
+            raise InvalidFragment(f"a str of {length} bytes, at most {MAX_STR_BYTES}", "invalid")
+        return self._text(length)
+
+    def _ext(self, first: int) -> tuple[int, memoryview]:
+        if first >= 0xD4:  # fixext 1, 2, 4, 8, 16
+            self._pos += 1
+            length = 1 << (first - 0xD4)
+        else:
+            length = self._header(first, 0)
+        start = self._pos + 1
+        if start + length > len(self._data):
+            raise self._truncated()
+        code = self._data[self._pos]
+        self._pos = start + length
+        return code - 0x100 if code > 0x7F else code, self._view[start : self._pos]
+
+
+def _wrong_kind(what: str, first: int, reason: str) -> InvalidFragment:
+    kind = _KINDS[first]
+    if kind == "invalid":
+        return InvalidFragment(
+            f"not msgpack: byte 0x{first:02x} starts no msgpack value", "not_msgpack"
+        )
+    return InvalidFragment(f"{what}, got {kind}", reason)
 
 
 def _pack_array(name: str, value: object) -> msgpack.ExtType:
@@ -194,18 +347,16 @@ def _pack_array(name: str, value: object) -> msgpack.ExtType:
     return msgpack.ExtType(ARRAY_EXT_CODE, b"".join((header, value.data)))
 
 
-def _unpack_array(name: str, value: object) -> np.ndarray:
-    if not isinstance(value, msgpack.ExtType) or value.code != ARRAY_EXT_CODE:
-        got = f"ext type {value.code}" if isinstance(value, msgpack.ExtType) else type(value)
-        got = got if isinstance(got, str) else got.__name__
+def _unpack_array(name: str, code: int, payload: memoryview) -> np.ndarray:
+    if code != ARRAY_EXT_CODE:
         raise InvalidFragment(
-            f"{name} must be an array (msgpack ext type {ARRAY_EXT_CODE}), got {got}", "array"
+            f"{name} must be an array (msgpack ext type {ARRAY_EXT_CODE}), got ext type {code}",
+            "array",
         )
-    payload = value.data
     if len(payload) < 2:
         raise InvalidFragment(f"{name}: array header is truncated", "array")
     name_len = payload[0]
-    dtype_name = payload[1 : 1 + name_len].decode("ascii", errors="replace")
+    dtype_name = bytes(payload[1 : 1 + name_len]).decode("ascii", errors="replace")
     dtype = WIRE_DTYPES.get(dtype_name)
     if dtype is None:
         raise InvalidFragment(f"{name}: unknown array dtype {dtype_name!r}", "array")
@@ -218,15 +369,17 @@ def _unpack_array(name: str, value: object) -> np.ndarray:
     if len(payload) < offset:
         raise InvalidFragment(f"{name}: array header is truncated", "array")
     shape = struct.unpack_from(f"<{ndim}Q", payload, 2 + name_len)
-    if any(d > MAX_DIM for d in shape):
-        raise InvalidFragment(f"{name}: shape {shape} has a dimension over {MAX_DIM}", "array")
-    # Python ints: the product cannot overflow, so a huge declared shape is caught here,
-    # before anything is allocated.
+    # Python ints, so nothing overflows: a huge declared shape is refused here, before anything
+    # is allocated; and so, below, is one that holds no elements but that numpy cannot index.
     expected = math.prod(shape) * dtype.itemsize
     if len(payload) - offset != expected:
         raise InvalidFragment(
             f"{name}: shape {shape} of {dtype_name} needs {expected} bytes, "
             f"the message carries {len(payload) - offset}",
             "array",
+        )
+    if math.prod(d or 1 for d in shape) > MAX_ELEMENTS:
+        raise InvalidFragment(
+            f"{name}: shape {shape} declares over {MAX_ELEMENTS} elements", "array"
         )
     return np.frombuffer(payload, dtype=dtype, offset=offset).reshape(shape)
