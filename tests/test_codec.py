@@ -109,6 +109,14 @@ def _ext(dtype: bytes, shape: tuple[int, ...], raw: bytes) -> msgpack.ExtType:
     return msgpack.ExtType(codec.ARRAY_EXT_CODE, header + raw)
 
 
+def _entries(fragment, *extra) -> bytes:
+    """The message of `fragment` written entry by entry, with `extra` (key, value) entries
+    after it: keys may repeat or be of any type, which a dict cannot express."""
+    entries = [*msgpack.unpackb(codec.encode(fragment, check=False), raw=False).items(), *extra]
+    header = b"\xde" + struct.pack(">H", len(entries))
+    return header + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in entries)
+
+
 def _nan_at(array: np.ndarray, index: tuple[int, int], value: float) -> np.ndarray:
     array = array.copy()
     array[index] = value
@@ -154,6 +162,49 @@ MALFORMED = [
         "array",
         r"obs: shape \(2147483648, 2147483648, 2147483648\) of float32 needs \d+ bytes, "
         r"the message carries 16",
+        {},
+    ),
+    (
+        "empty_dim_numpy_cannot_index",
+        lambda f: _message(f, obs=_ext(b"float32", (4, 3, 0, 2**31, 2**31), b"")),
+        "array",
+        r"obs: shape \(4, 3, 0, 2147483648, 2147483648\) declares over 2147483648 elements",
+        {},
+    ),
+    (
+        "float_version",
+        lambda f: _message(f, schema_version=1.0),
+        "schema_version",
+        r"unknown schema_version 1\.0: this build reads version 1",
+        {},
+    ),
+    (
+        "bool_version",
+        lambda f: _message(f, schema_version=True),
+        "schema_version",
+        r"unknown schema_version True",
+        {},
+    ),
+    (
+        "repeated_key",
+        lambda f: _entries(f, ("rewards", _ext(b"float32", (4, 2), bytes(32)))),
+        "structure",
+        r"field rewards appears twice",
+        {},
+    ),
+    ("int_key", lambda f: _entries(f, (7, 1)), "structure", r"keys must be .*got int", {}),
+    (
+        "nested_arrays_as_a_field",
+        lambda f: _message(f, obs=[[[]] * 50] * 50),
+        "array",
+        r"obs must be an array \(msgpack ext type 1\), got list",
+        {},
+    ),
+    (
+        "map_as_metadata",
+        lambda f: _message(f, fragment_id={"a": [1, 2]}),
+        "invalid",
+        r"fragment_id must be str, got dict",
         {},
     ),
     (
