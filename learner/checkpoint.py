@@ -4,10 +4,16 @@ A checkpoint is one `torch.save` file, `ckpt-<version, 9 digits>.pt`, holding on
 plain containers (dicts, lists, numbers, strings), so `torch.load(..., weights_only=True)` reads
 it without unpickling arbitrary classes. `Learner.save_checkpoint` and `Learner.restore_latest`
 decide *what* goes in; this module decides how it reaches the disk and comes back.
+
+A file under a checkpoint name that does not load (truncated by a crash, corrupt, another
+format) is renamed `<name>.corrupt` where it is found, whether by a restore or by retention, so
+it never counts as one of the `keep` newest and never shadows a good one; it is kept for a
+person to look at, never deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -21,7 +27,13 @@ log = logging.getLogger(__name__)
 
 #: Bumped when the layout of the saved dict changes incompatibly.
 CHECKPOINT_FORMAT = 1
+#: Appended to the name of a checkpoint that does not load.
+CORRUPT_SUFFIX = ".corrupt"
 _NAME_RE = re.compile(r"^ckpt-(\d{9,})\.pt$")
+
+
+class NoCheckpoint(ValueError):
+    """There is nothing to resume from; the message says what the directory holds."""
 
 
 def checkpoint_path(directory: str, version: int) -> str:
@@ -42,7 +54,7 @@ def list_checkpoints(directory: str | None) -> list[str]:
 
 def write_checkpoint(directory: str, version: int, state: dict[str, Any], keep: int) -> str:
     """Write `state` (plus the format number) as the checkpoint of `version`, atomically, then
-    delete all but the newest `keep`; returns the path."""
+    prune to `keep` readable checkpoints (`prune`); returns the path."""
     os.makedirs(directory, exist_ok=True)
     path = checkpoint_path(directory, version)
     # Temp file in the same directory (same filesystem), fsync, then an atomic rename: a crash
@@ -60,9 +72,26 @@ def write_checkpoint(directory: str, version: int, state: dict[str, Any], keep: 
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
-    for old in list_checkpoints(directory)[:-keep]:
-        os.unlink(old)
+    prune(directory, path, keep)
     return path
+
+
+def prune(directory: str, newest: str, keep: int) -> None:
+    """Keep `newest` (just written) and the `keep - 1` newest other checkpoints that load;
+    delete the older ones.
+
+    Each checkpoint that would be kept is loaded first (`keep - 1` loads per write, each
+    costing about what the write did): one that does not load is moved aside and the next
+    older one takes its place, so a corrupt file never stands in for a good one.
+    """
+    kept = 1
+    for path in reversed(list_checkpoints(directory)):
+        if path == newest:
+            continue
+        if kept >= keep:
+            os.unlink(path)
+        elif _load(path, "cpu") is not None:
+            kept += 1
 
 
 def readable_checkpoints(
@@ -70,18 +99,58 @@ def readable_checkpoints(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """`(path, state)` of each checkpoint that loads, newest first.
 
-    A file that cannot be read (truncated by a crash, corrupt, another format) is logged and
-    skipped, so a caller taking the first item falls back to the previous checkpoint.
+    A file that does not load is moved aside (`CORRUPT_SUFFIX`) and skipped, so a caller taking
+    the first item falls back to the previous checkpoint.
     """
     for path in reversed(list_checkpoints(directory)):
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"not a format-{CHECKPOINT_FORMAT} checkpoint")
-        except Exception as exc:  # any unreadable file falls back to the one before
-            log.warning("skipping unreadable checkpoint %s: %s", path, exc)
-            continue
-        yield path, state
+        state = _load(path, map_location)
+        if state is not None:
+            yield path, state
+
+
+def resume_point(directory: str) -> tuple[str, int]:
+    """`(path, version)` of the newest checkpoint that loads, for a run that resumes.
+
+    Raises:
+      NoCheckpoint: there is none; the message names the directory and what it holds
+        (unreadable checkpoints are moved aside first, and listed as such).
+    """
+    if not os.path.isdir(directory):
+        raise NoCheckpoint(f"nothing to resume: no checkpoint directory {directory}")
+    for path, state in readable_checkpoints(directory):
+        return path, int(state["version"])
+    names = sorted(name for name in os.listdir(directory) if not name.startswith("."))
+    corrupt = [name for name in names if name.endswith(CORRUPT_SUFFIX)]
+    found = "it is empty" if not names else f"it holds {_some(names)}"
+    if corrupt:
+        found += f"; {len(corrupt)} unreadable checkpoint(s), moved aside as *{CORRUPT_SUFFIX}"
+    raise NoCheckpoint(f"nothing to resume: no readable checkpoint in {directory}: {found}")
+
+
+def _some(names: list[str], most: int = 4) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _load(path: str, map_location: torch.device | str) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or None when it does not load, and then it is moved aside.
+
+    Whatever stops it loading counts (torch raises `OSError` for a truncated file, for one),
+    except a file that is gone or a load that ran out of memory: those say nothing of the file.
+    """
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a format-{CHECKPOINT_FORMAT} checkpoint")
+    except (FileNotFoundError, MemoryError) as exc:
+        log.warning("skipping checkpoint %s: %s", path, exc)
+        return None
+    except Exception as exc:
+        log.warning("unreadable checkpoint %s moved aside (%s): %s", path, CORRUPT_SUFFIX, exc)
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            os.replace(path, path + CORRUPT_SUFFIX)
+        return None
+    return state
 
 
 def network_differences(
