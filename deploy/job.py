@@ -29,6 +29,7 @@ from deploy.config import ConfigError, JobConfig, RunConfig
 from deploy.controller import Orders
 from deploy.fleet import Fleet
 from deploy.report import Reporter, RunSummary, Stop
+from learner import checkpoint
 
 #: Seconds the learner may stay unreachable (Ray restarting it) before the run fails.
 LEARNER_RESTART_TIMEOUT_S = 180.0
@@ -78,8 +79,11 @@ class Job:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         # A relative replay.snapshot_path (the default, "replay.snapshot") is in the run dir.
         self.snapshot_path = self.run_dir / (config.replay.snapshot_path or "replay.snapshot")
-        if config.run.resume and not self.checkpoint_dir.is_dir():
-            raise ConfigError("run.resume", f"no checkpoints to resume in {self.checkpoint_dir}")
+        if config.run.resume:  # refused before anything starts, so nothing is overwritten
+            try:
+                checkpoint.resume_point(str(self.checkpoint_dir))
+            except checkpoint.NoCheckpoint as exc:
+                raise ConfigError("run.resume", str(exc)) from None
         if not config.run.resume and self.run_dir.exists():
             raise ConfigError("run.name", f"{self.run_dir} exists: add --resume or pick a new name")
         obs_space, action_space = probe_spaces(config.env)
@@ -114,6 +118,13 @@ class Job:
         info = self._start_learner_and_replay()
         self.version = info["version"]
         restored_steps = info["counters"].get("env_steps", 0) if info["restored"] is not None else 0
+        print(
+            f"offpg: run {self.name} resumes from checkpoint version {info['restored']} at "
+            f"{int(restored_steps):,} env steps"
+            if cfg.run.resume
+            else f"offpg: run {self.name} starts from scratch",
+            flush=True,
+        )
         self.fleet = Fleet(self.topology, cfg, self.spec, int(restored_steps))
         replay_stats = self.poll_replay()
         if replay_stats["restored_fragments"] or replay_stats["restore_error"]:
@@ -142,6 +153,11 @@ class Job:
         # Waited for: the learner is a threaded actor, so calls to it are not ordered.
         ray.get(learner.attach_replay.remote(replay), timeout=topology.CALL_TIMEOUT)
         info = ray.get(learner.start.remote(), timeout=topology.CALL_TIMEOUT * 5)
+        if cfg.run.resume and info["restored"] is None:  # its node does not see the checkpoints
+            ray.kill(learner, no_restart=True)  # before it writes one over the run's
+            raise ConfigError(
+                "run.resume", f"the learner found no readable checkpoint in {self.checkpoint_dir}"
+            )
         self.placement = {
             "learner_node": learner_node,
             "replay_node": ray.get(replay.node_id.remote(), timeout=topology.CALL_TIMEOUT),
