@@ -201,7 +201,14 @@ class _Reader:
     def read_message(self) -> tuple[dict[str, object], dict[str, tuple[int, memoryview]]]:
         """The scalar values and the array extensions (code, payload) by key."""
         first = self._byte()
-        if _KINDS[first] != "dict":
+        kind = _KINDS[first]
+        if kind != "dict":
+            if kind == "ExtType":  # one whole value, or bytes after it that are not msgpack
+                self._ext(first)
+                self._check_end()
+            elif kind in _SCALAR_KINDS:
+                self._scalar(first)
+                self._check_end()
             raise _wrong_kind("message must be a msgpack map of fields", first, "structure")
         count = self._header(first, 0x80)
         values: dict[str, object] = {}
@@ -229,11 +236,14 @@ class _Reader:
                 raise _wrong_kind(f"{key} must be an int", first, "schema_version")
             else:
                 raise _wrong_kind(f"{key} must be {META_FIELDS[key].__name__}", first, "invalid")
+        self._check_end()
+        return values, payloads
+
+    def _check_end(self) -> None:
         if self._pos != len(self._data):
             raise InvalidFragment(
                 f"{len(self._data) - self._pos} trailing bytes after the message", "not_msgpack"
             )
-        return values, payloads
 
     def _truncated(self) -> InvalidFragment:
         return InvalidFragment(
