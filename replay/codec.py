@@ -81,6 +81,9 @@ WIRE_DTYPES: dict[str, np.dtype] = {
         "float64",
     )
 }
+_WIRE_BY_NAME = {name.encode("ascii"): dtype for name, dtype in WIRE_DTYPES.items()}
+#: Reads the dimensions of an array of each rank.
+_DIMS = [struct.Struct(f"<{ndim}Q") for ndim in range(MAX_NDIM + 1)]
 VERSION_KEY = "schema_version"
 _ARRAY_KEYS = (*FIELD_NAMES, *EPISODE_FIELDS)
 _ARRAY_KEY_SET = frozenset(_ARRAY_KEYS)
@@ -148,15 +151,15 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Fragment:
             f"message is {size} bytes, larger than the limit of {max_bytes}", "oversized"
         )
     # The arrays are views of the message: a buffer the caller could still change is copied.
-    reader = _Reader(data if isinstance(data, bytes) else bytes(data))
-    values, payloads = reader.read_message()
+    message = data if isinstance(data, bytes) else bytes(data)
+    values, payloads = _Reader(message).read_message()
     if VERSION_KEY not in values:
         raise InvalidFragment(f"message has no {VERSION_KEY}", "schema_version")
     missing = [k for k in _ARRAY_KEYS if k not in payloads]
     missing += [k for k in META_FIELDS if k not in values]
     if missing:
         raise InvalidFragment(f"missing field(s): {', '.join(missing)}", "missing_field")
-    fields: dict[str, object] = {name: _unpack_array(name, *payloads[name]) for name in _ARRAY_KEYS}
+    fields: dict[str, object] = {k: _unpack_array(k, message, *payloads[k]) for k in _ARRAY_KEYS}
     fields.update({name: values[name] for name in META_FIELDS})
     return validate(Fragment(**fields))
 
@@ -189,17 +192,17 @@ class _Reader:
     array extension. A key is checked before its value is read, and a value's msgpack type is
     checked from its first byte before its contents are: msgpack arrays, maps and binaries
     appear nowhere in the schema, so none is ever read, and an unknown or repeated key ends the
-    read. Extension payloads are memoryviews of the message (nothing is copied): reading takes
-    a few steps per key, whatever the message's size.
+    read. Extension payloads are left where they are (nothing is copied): reading takes a few
+    steps per key, whatever the message's size.
     """
 
     def __init__(self, data: bytes):
         self._data = data
-        self._view = memoryview(data)
         self._pos = 0
 
-    def read_message(self) -> tuple[dict[str, object], dict[str, tuple[int, memoryview]]]:
-        """The scalar values and the array extensions (code, payload) by key."""
+    def read_message(self) -> tuple[dict[str, object], dict[str, tuple[int, int, int]]]:
+        """The scalar values, and the array extensions as (type code, start, end) of their
+        payload in the message, by key."""
         first = self._byte()
         kind = _KINDS[first]
         if kind != "dict":
@@ -212,9 +215,18 @@ class _Reader:
             raise _wrong_kind("message must be a msgpack map of fields", first, "structure")
         count = self._header(first, 0x80)
         values: dict[str, object] = {}
-        payloads: dict[str, tuple[int, memoryview]] = {}
+        payloads: dict[str, tuple[int, int, int]] = {}
+        data = self._data
         for _ in range(count):  # ends by the 14th key at most: it is unknown or repeated
-            key = self._key()
+            # A field name as msgpack writes it, inline (the common case); `_key` does the rest.
+            pos = self._pos
+            key = None
+            if pos < len(data):
+                key = _KEYS_BY_ENCODING.get(data[pos : pos + 1 + (data[pos] & 0x1F)])
+            if key is None:
+                key = self._key()
+            else:
+                self._pos = pos + 1 + len(key)
             if key in values or key in payloads:
                 raise InvalidFragment(f"field {key} appears twice", "structure")
             first = self._byte()
@@ -257,12 +269,12 @@ class _Reader:
         except IndexError:
             raise self._truncated() from None
 
-    def _take(self, n: int) -> memoryview:
+    def _take(self, n: int) -> bytes:
         start, end = self._pos, self._pos + n
         if end > len(self._data):
             raise self._truncated()
         self._pos = end
-        return self._view[start:end]
+        return self._data[start:end]
 
     def _header(self, first: int, fix_base: int) -> int | float:
         """Step over a header and return the number in it: a fix* format holds it in the first
@@ -297,7 +309,7 @@ class _Reader:
 
     def _text(self, length: int) -> str:
         try:
-            return str(self._take(length), "utf-8")
+            return self._take(length).decode()
         except UnicodeDecodeError as exc:
             raise InvalidFragment(
                 f"not msgpack: a str that is not UTF-8 ({exc})", "not_msgpack"
@@ -318,18 +330,21 @@ class _Reader:
             raise InvalidFragment(f"a str of {length} bytes, at most {MAX_STR_BYTES}", "invalid")
         return self._text(length)
 
-    def _ext(self, first: int) -> tuple[int, memoryview]:
+    def _ext(self, first: int) -> tuple[int, int, int]:
+        data, pos = self._data, self._pos
         if first >= 0xD4:  # fixext 1, 2, 4, 8, 16
-            self._pos += 1
-            length = 1 << (first - 0xD4)
-        else:
-            length = self._header(first, 0)
-        start = self._pos + 1
-        if start + length > len(self._data):
+            start, length = pos + 2, 1 << (first - 0xD4)
+        else:  # ext 8, 16, 32: the length, then the type code
+            following = _FOLLOWING[first]
+            start = pos + 2 + following.size
+            if start > len(data):
+                raise self._truncated()
+            length = following.unpack_from(data, pos + 1)[0]
+        if start + length > len(data):
             raise self._truncated()
-        code = self._data[self._pos]
         self._pos = start + length
-        return code - 0x100 if code > 0x7F else code, self._view[start : self._pos]
+        code = data[start - 1]
+        return code - 0x100 if code > 0x7F else code, start, self._pos
 
 
 def _wrong_kind(what: str, first: int, reason: str) -> InvalidFragment:
@@ -357,39 +372,40 @@ def _pack_array(name: str, value: object) -> msgpack.ExtType:
     return msgpack.ExtType(ARRAY_EXT_CODE, b"".join((header, value.data)))
 
 
-def _unpack_array(name: str, code: int, payload: memoryview) -> np.ndarray:
+def _unpack_array(name: str, data: bytes, code: int, start: int, end: int) -> np.ndarray:
+    """The array whose extension payload is `data[start:end]`, a read-only view of `data`."""
     if code != ARRAY_EXT_CODE:
         raise InvalidFragment(
             f"{name} must be an array (msgpack ext type {ARRAY_EXT_CODE}), got ext type {code}",
             "array",
         )
-    if len(payload) < 2:
+    if end - start < 2:
         raise InvalidFragment(f"{name}: array header is truncated", "array")
-    name_len = payload[0]
-    dtype_name = bytes(payload[1 : 1 + name_len]).decode("ascii", errors="replace")
-    dtype = WIRE_DTYPES.get(dtype_name)
+    name_end = start + 1 + data[start]
+    dtype = _WIRE_BY_NAME.get(data[start + 1 : name_end])
     if dtype is None:
+        dtype_name = data[start + 1 : name_end].decode("ascii", errors="replace")
         raise InvalidFragment(f"{name}: unknown array dtype {dtype_name!r}", "array")
-    if len(payload) < 2 + name_len:
+    if end < name_end + 1:
         raise InvalidFragment(f"{name}: array header is truncated", "array")
-    ndim = payload[1 + name_len]
+    ndim = data[name_end]
     if ndim > MAX_NDIM:
         raise InvalidFragment(f"{name}: array has {ndim} dimensions, at most {MAX_NDIM}", "array")
-    offset = 2 + name_len + 8 * ndim
-    if len(payload) < offset:
+    offset = name_end + 1 + 8 * ndim
+    if end < offset:
         raise InvalidFragment(f"{name}: array header is truncated", "array")
-    shape = struct.unpack_from(f"<{ndim}Q", payload, 2 + name_len)
+    shape = _DIMS[ndim].unpack_from(data, name_end + 1)
     # Python ints, so nothing overflows: a huge declared shape is refused here, before anything
     # is allocated; and so, below, is one that holds no elements but that numpy cannot index.
-    expected = math.prod(shape) * dtype.itemsize
-    if len(payload) - offset != expected:
+    count = math.prod(shape)
+    if end - offset != count * dtype.itemsize:
         raise InvalidFragment(
-            f"{name}: shape {shape} of {dtype_name} needs {expected} bytes, "
-            f"the message carries {len(payload) - offset}",
+            f"{name}: shape {shape} of {dtype.name} needs {count * dtype.itemsize} bytes, "
+            f"the message carries {end - offset}",
             "array",
         )
     if math.prod(d or 1 for d in shape) > MAX_ELEMENTS:
         raise InvalidFragment(
             f"{name}: shape {shape} declares over {MAX_ELEMENTS} elements", "array"
         )
-    return np.frombuffer(payload, dtype=dtype, offset=offset).reshape(shape)
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
