@@ -181,7 +181,7 @@ def _kind(first: int) -> str:
 
 
 _KINDS = tuple(_kind(first) for first in range(256))
-#: Each field name as msgpack writes it (fixstr), for the fast path of `_Reader._key`.
+#: Each field name as msgpack writes it (a fixstr), for the fast path of `_Reader.read_message`.
 _KEYS_BY_ENCODING = {msgpack.packb(key): key for key in _EXPECTED_KEYS}
 
 
