@@ -18,7 +18,7 @@ import ray
 
 from deploy.config import ConfigError, load_config
 from deploy.job import Job
-from deploy.topology import ReplayWorker
+from deploy.workers.replay import ReplayWorker
 from learner import checkpoint
 from learner.learner import Learner, LearnerConfig
 from learner.policy import PolicySpec
