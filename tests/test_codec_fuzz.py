@@ -1,6 +1,6 @@
 """The codec's bounds, as properties: whatever bytes arrive, `codec.decode` and
-`ReplayService.insert` refuse them with `InvalidFragment` only (insert returns False and counts
-the reason), within 4x the message's size of memory and 50 ms per call.
+`ReplayService.insert` refuse them with `InvalidFragment` only (insert returns REJECTED and
+counts the reason), within 4x the message's size of memory and 50 ms per call.
 
 Memory is the peak `tracemalloc` sees during a call, which leaves out the message itself
 (allocated before it). It may be 4x the message's size plus `FIXED_BYTES`, what a call
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replay import codec
-from replay.service import ReplayConfig, ReplayService
+from replay.service import InsertResult, ReplayConfig, ReplayService
 from replay.trajectory import EPISODE_FIELDS, FIELD_NAMES, Fragment, InvalidFragment
 
 MEMORY_FACTOR = 4
@@ -84,9 +84,9 @@ def _check(data: bytes | bytearray) -> Fragment | InvalidFragment:
     finally:
         service.close()
     if isinstance(result, InvalidFragment):
-        assert inserted is False and rejected == {result.reason: 1}
+        assert inserted is InsertResult.REJECTED and rejected == {result.reason: 1}
     else:
-        assert inserted is True and rejected == {}
+        assert inserted is InsertResult.ACCEPTED and rejected == {}
     return result
 
 
