@@ -16,9 +16,9 @@ import msgpack
 import pytest
 import ray
 
+from deploy import topology
 from deploy.config import ConfigError, load_config
 from deploy.job import Job
-from deploy.workers.replay import ReplayWorker
 from learner import checkpoint
 from learner.learner import Learner, LearnerConfig
 from learner.policy import PolicySpec
@@ -204,7 +204,7 @@ def test_replay_worker_moves_a_corrupt_snapshot_aside_and_reports_it(
     config = dataclasses.replace(
         ReplayConfig.uniform_replay(capacity_fragments=10), snapshot_path=str(path)
     )
-    worker = ray.remote(ReplayWorker).remote(config)
+    worker = topology.start_replay(config)  # the job's own replay actor
     try:
         stats = ray.get(worker.stats.remote(), timeout=60)
     finally:
