@@ -38,6 +38,7 @@ from learner.broadcast import WeightStore
 from learner.learner import Learner, StepMetrics
 from learner.policy import PolicySpec
 from replay.service import ReplayService
+from replay.trajectory import FragmentSpec
 
 #: Episodes the mean return (and the target) is taken over, as in a Ray job.
 RETURN_WINDOW = 100
@@ -99,6 +100,19 @@ def job_policy_spec(config: JobConfig) -> PolicySpec:
     )
 
 
+def job_fragment_spec(config: JobConfig, spec: PolicySpec) -> FragmentSpec:
+    """The layout of every fragment a job with `config` and network `spec` produces: the replay
+    service refuses the rest."""
+    return FragmentSpec(
+        obs_shape=tuple(spec.obs_shape),
+        obs_dtype=spec.obs_dtype,
+        action_kind=spec.action_kind,
+        action_dim=spec.action_dim,
+        unroll_length=config.actors.unroll_length,
+        num_envs=config.actors.num_envs,
+    )
+
+
 class InProcessRun:
     """A job's replay service, learner, weight store and actors in one process, stepped in turn.
 
@@ -130,15 +144,16 @@ class InProcessRun:
         seed = config.env.seed if seed is None else seed
         self.config = config
         self._steps_per_round = learner_steps_per_round
+        spec = job_policy_spec(config)
         self.replay = ReplayService(
             dataclasses.replace(
                 replay,
                 snapshot_path=None,
                 snapshot_every=0.0,
                 seed=seed if replay.seed is None else replay.seed,
-            )
+            ),
+            job_fragment_spec(config, spec),
         )
-        spec = job_policy_spec(config)
         torch.manual_seed(seed)
         self.store = WeightStore()
         self.learner = Learner(

@@ -28,6 +28,7 @@ from deploy import report, topology
 from deploy.config import ConfigError, JobConfig, RunConfig
 from deploy.controller import Orders
 from deploy.fleet import Fleet
+from deploy.inprocess import job_fragment_spec
 from deploy.report import Reporter, RunSummary, Stop
 from learner import checkpoint
 
@@ -149,7 +150,9 @@ class Job:
             self.spec, cfg.learner, str(self.checkpoint_dir), None, store, cfg.run.resume
         )
         learner_node = ray.get(learner.node_id.remote(), timeout=topology.CALL_TIMEOUT * 5)
-        replay = topology.start_replay(replay_cfg, node_id=learner_node)
+        replay = topology.start_replay(
+            replay_cfg, node_id=learner_node, spec=job_fragment_spec(cfg, self.spec)
+        )
         # Waited for: the learner is a threaded actor, so calls to it are not ordered.
         ray.get(learner.attach_replay.remote(replay), timeout=topology.CALL_TIMEOUT)
         info = ray.get(learner.start.remote(), timeout=topology.CALL_TIMEOUT * 5)

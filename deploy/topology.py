@@ -28,6 +28,7 @@ from learner.broadcast import WeightStore
 from learner.learner import LearnerConfig
 from learner.policy import PolicySpec
 from replay.service import ReplayConfig
+from replay.trajectory import FragmentSpec
 
 
 @dataclasses.dataclass
@@ -48,11 +49,15 @@ def learner_wants_gpu(config: LearnerConfig) -> bool:
 
 
 def start_replay(
-    config: ReplayConfig, node_id: str | None = None, threads: dict[str, int] | None = None
+    config: ReplayConfig,
+    node_id: str | None = None,
+    threads: dict[str, int] | None = None,
+    spec: FragmentSpec | None = None,
 ) -> Any:
     """The replay service, on `node_id` when given (hard affinity: it lives and dies with that
     node), so the learner's batches and the actors' fragments each cross the network at most
-    once. `threads` overrides sizes of its concurrency groups (`deploy.workers.replay.THREADS`)."""
+    once. `threads` overrides sizes of its concurrency groups (`deploy.workers.replay.THREADS`);
+    `spec`, the run's fragment layout, makes it refuse fragments of any other."""
     strategy = (
         # Hard affinity: soft affinity lets Ray place it elsewhere when that node is busy. The
         # learner is on that node now, so it is alive.
@@ -68,7 +73,7 @@ def start_replay(
             max_restarts=-1,
             max_task_retries=-1,
         )
-        .remote(config)
+        .remote(config, spec)
     )
 
 

@@ -46,7 +46,7 @@ from replay import codec
 from replay import snapshot as snapshot_file
 from replay.config import ReplayConfig
 from replay.table import Item, Table
-from replay.trajectory import Batch, Fragment, InvalidFragment, validate
+from replay.trajectory import Batch, Fragment, FragmentSpec, InvalidFragment, validate
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,13 @@ class InsertResult(enum.Enum):
 class ReplayService:
     """Stores fragments and serves batches under a `ReplayConfig`. Thread-safe."""
 
-    def __init__(self, config: ReplayConfig | None = None) -> None:
+    def __init__(
+        self, config: ReplayConfig | None = None, spec: FragmentSpec | None = None
+    ) -> None:
         self.config = config or ReplayConfig()
+        #: The run's fragment layout: fragments that do not fit it are refused (`spec_*`
+        #: reasons) at insert and dropped at restore; None admits any schema-valid fragment.
+        self.spec = spec
         self._cond = threading.Condition(threading.Lock())
         self._snapshot_lock = threading.Lock()  # one writer at a time (one temp file)
         self._limiter = self.config.rate_limiter()
@@ -124,6 +129,8 @@ class ReplayService:
         """
         try:
             fragment = codec.decode(data, max_bytes=self.config.max_message_bytes)
+            if self.spec is not None:
+                self.spec.check(fragment)
         except InvalidFragment as exc:
             self._reject(exc)
             return InsertResult.REJECTED
@@ -133,6 +140,8 @@ class ReplayService:
         """Validate and store an already-decoded fragment (the in-process path); as `insert`."""
         try:
             validate(fragment)
+            if self.spec is not None:
+                self.spec.check(fragment)
         except InvalidFragment as exc:
             self._reject(exc)
             return InsertResult.REJECTED
@@ -358,6 +367,13 @@ class ReplayService:
     def _restore(self, path: str) -> None:
         state, records = snapshot_file.read(path)
         for seq, times_sampled, fragment in records:
+            if self.spec is not None:
+                try:
+                    self.spec.check(fragment)
+                except InvalidFragment as exc:  # another run's data: never reaches the learner
+                    log.warning("snapshot %s: dropped fragment %s: %s", path, seq, exc)
+                    self._rejected[f"restore_{exc.reason}"] += 1
+                    continue
             self._table.add(Item(seq, fragment, fragment.nbytes, times_sampled))
         self._next_seq = state["next_seq"]
         self._counters.update(state["counters"])

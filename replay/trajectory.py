@@ -32,6 +32,8 @@ from typing import Literal
 import numpy as np
 
 SCHEMA_VERSION = 1
+#: Largest `policy_version` and `actor_id`: both become int64 columns of a `Batch`.
+MAX_INT64 = 2**63 - 1
 
 
 class InvalidFragment(ValueError):
@@ -190,8 +192,10 @@ def validate(fragment: Fragment) -> Fragment:
         value = getattr(fragment, name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise InvalidFragment(f"{name} must be {kind.__name__}, got {_describe(value)}")
-    if fragment.policy_version < 0:
-        raise InvalidFragment(f"policy_version is {fragment.policy_version}, must be >= 0")
+    for name in ("policy_version", "actor_id"):
+        value = getattr(fragment, name)
+        if not 0 <= value <= MAX_INT64:
+            raise InvalidFragment(f"{name} is {value}, must lie in [0, 2**63 - 1]", "metadata")
     if not fragment.fragment_id:
         raise InvalidFragment("fragment_id is empty")
     lengths = []
@@ -207,6 +211,67 @@ def validate(fragment: Fragment) -> Fragment:
     if not np.isfinite(fragment.episode_returns).all():
         raise InvalidFragment("episode_returns has a NaN or inf", "non_finite")
     return fragment
+
+
+@dataclasses.dataclass(frozen=True)
+class FragmentSpec:
+    """What every fragment of one run looks like, beyond the schema.
+
+    The schema admits any observation shape and any action index; a run's learner does not. A
+    fragment that is schema-valid but of another shape, dtype or action range would make the
+    learner raise (and, sampled from a snapshot, again after `--resume`), so the replay service
+    refuses it at insert and at restore (`check`). `None` leaves T or N free.
+    """
+
+    obs_shape: tuple[int, ...]
+    obs_dtype: str
+    action_kind: Literal["discrete", "continuous"]
+    #: Number of actions (discrete: valid indices are 0 .. action_dim - 1) or the action
+    #: vector's length (continuous).
+    action_dim: int
+    unroll_length: int | None = None
+    num_envs: int | None = None
+
+    def check(self, fragment: Fragment) -> Fragment:
+        """Return `fragment` if it fits this spec (it must already be schema-valid); raise
+        `InvalidFragment` with a `spec_*` reason naming the first misfit otherwise."""
+        t, n = fragment.rewards.shape
+        if self.unroll_length is not None and t != self.unroll_length:
+            raise InvalidFragment(
+                f"T is {t}, this run's fragments have {self.unroll_length}", "spec_shape"
+            )
+        if self.num_envs is not None and n != self.num_envs:
+            raise InvalidFragment(
+                f"N is {n}, this run's fragments have {self.num_envs}", "spec_shape"
+            )
+        obs = fragment.obs
+        if obs.shape[2:] != tuple(self.obs_shape) or obs.dtype.name != self.obs_dtype:
+            raise InvalidFragment(
+                f"obs rows are {obs.shape[2:]} {obs.dtype.name}, this run's are "
+                f"{tuple(self.obs_shape)} {self.obs_dtype}",
+                "spec_obs",
+            )
+        actions = fragment.actions
+        if self.action_kind == "discrete":
+            if actions.dtype != np.int64:
+                raise InvalidFragment(
+                    f"actions are {actions.dtype.name}, this run's are discrete (int64)",
+                    "spec_action",
+                )
+            low, high = int(actions.min()), int(actions.max())
+            if low < 0 or high >= self.action_dim:
+                raise InvalidFragment(
+                    f"actions span [{low}, {high}], this run has {self.action_dim} actions "
+                    f"(0 .. {self.action_dim - 1})",
+                    "spec_action",
+                )
+        elif actions.dtype != np.float32 or actions.shape[2:] != (self.action_dim,):
+            raise InvalidFragment(
+                f"actions are {actions.shape[2:]} {actions.dtype.name}, this run's are "
+                f"({self.action_dim},) float32",
+                "spec_action",
+            )
+        return fragment
 
 
 def _describe(value: object) -> str:

@@ -131,6 +131,18 @@ def _bad_messages() -> list[bytes]:
     return [b"\x00not a fragment\xff" * 8, good[: len(good) // 2], future]
 
 
+def _misfit_messages(job: Job) -> list[bytes]:
+    """Schema-valid fragments of the run's T and N that do not fit its network: an action
+    index of 10**6 and byte observations. Accepted, either would crash the learner."""
+    from conftest import _make_fragment
+
+    t, n = job.config.actors.unroll_length, job.config.actors.num_envs
+    action = _make_fragment(t, n, fragment_id="misfit-action")
+    action.actions[0, 0] = 10**6
+    obs = _make_fragment(t, n, obs_dtype="uint8", fragment_id="misfit-obs")
+    return [codec.encode(action), codec.encode(obs)]
+
+
 class Chaos:
     """Injects one fault per phase from the driver's poll, once the previous one is recovered."""
 
@@ -138,6 +150,7 @@ class Chaos:
         self.phase = 0
         self.done: list[str] = []
         self.bad_results: list[InsertResult] = []
+        self.misfit_results: list[InsertResult] = []
         self.rejected_before: dict[str, int] = {}
         self.rejected_after: dict[str, int] = {}
         self.version_before_learner_kill = -1
@@ -165,6 +178,9 @@ class Chaos:
             self.rejected_before = ray.get(topo.replay.stats.remote(), timeout=30)["rejected"]
             self.bad_results = ray.get(
                 [topo.replay.insert.remote(m) for m in _bad_messages()], timeout=30
+            )
+            self.misfit_results = ray.get(
+                [topo.replay.insert.remote(m) for m in _misfit_messages(job)], timeout=30
             )
             self.rejected_after = ray.get(topo.replay.stats.remote(), timeout=30)["rejected"]
             self.version_before_learner_kill = job.version
@@ -222,7 +238,12 @@ def test_running_job_survives_faults_and_still_solves(local_ray, tmp_path):
     assert chaos.rejected_after.get("schema_version", 0) == (
         chaos.rejected_before.get("schema_version", 0) + 1
     )
-    assert sum(chaos.rejected_after.values()) == sum(chaos.rejected_before.values()) + 3
+    # Schema-valid fragments that do not fit the run: refused by the replay, counted by reason,
+    # and the learner (restarted right after, sampling that replay) never saw them.
+    assert chaos.misfit_results == [InsertResult.REJECTED] * 2
+    for reason in ("spec_action", "spec_obs"):
+        assert chaos.rejected_after.get(reason, 0) == chaos.rejected_before.get(reason, 0) + 1
+    assert sum(chaos.rejected_after.values()) == sum(chaos.rejected_before.values()) + 5
     # Learner: restarted from a checkpoint at or below the version it had, continued above
     # every published version, and the actors synced to it.
     assert summary.learner_restarts == 1

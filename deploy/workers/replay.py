@@ -14,6 +14,7 @@ import ray
 
 from deploy.workers import was_restarted
 from replay.service import InsertResult, ReplayConfig, ReplayService
+from replay.trajectory import FragmentSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,19 @@ class ReplayWorker(ReplayService):
     read is moved aside (`<path>.unreadable`) and reported rather than crash-looping the actor.
     """
 
-    def __init__(self, config: ReplayConfig):
+    def __init__(self, config: ReplayConfig, spec: FragmentSpec | None = None):
         self.incarnation = uuid.uuid4().hex[:8]
         self.reconstructed = was_restarted()
         self.restore_error: str | None = None
         try:
-            super().__init__(config)
+            super().__init__(config, spec)
         except Exception as exc:  # an unreadable snapshot: start empty, and say so
             path = config.snapshot_path
             self.restore_error = f"{path}: {type(exc).__name__}: {exc}"
             log.error("replay snapshot unreadable, starting empty: %s", self.restore_error)
             if path and os.path.exists(path):
                 os.replace(path, path + ".unreadable")
-            super().__init__(config)
+            super().__init__(config, spec)
         self.restored_fragments = super().stats()["size_fragments"]
 
     # Each method runs in one of the concurrency groups of `THREADS`; only inserts may wait for
