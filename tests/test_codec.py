@@ -31,7 +31,7 @@ OBS_KINDS = {
     obs_kind=st.sampled_from(sorted(OBS_KINDS)),
     action_shape=st.sampled_from([(), (1,), (3,)]),
     policy_version=st.integers(0, 2**63 - 1),
-    actor_id=st.integers(-(2**63), 2**63 - 1),
+    actor_id=st.integers(0, 2**63 - 1),
     fragment_id=st.text(min_size=1, max_size=40),
     seed=st.integers(0, 2**32 - 1),
 )

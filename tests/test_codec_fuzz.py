@@ -40,7 +40,7 @@ PARAMS = st.fixed_dictionaries(
         "obs": st.sampled_from([((4,), "float32"), ((), "float32"), ((2, 3, 3), "uint8")]),
         "action_shape": st.sampled_from([(), (2,)]),
         "policy_version": st.integers(0, 2**40),
-        "actor_id": st.integers(-(2**40), 2**40),
+        "actor_id": st.integers(0, 2**40),
         "fragment_id": st.text(min_size=1, max_size=12),
         "seed": st.integers(0, 2**16),
     }
