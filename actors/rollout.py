@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 import uuid
 from typing import Protocol, runtime_checkable
 
@@ -36,8 +35,6 @@ log = logging.getLogger(__name__)
 #: After this many env failures in a row without one completed fragment the actor gives up
 #: (raises), and whoever supervises it decides what next.
 MAX_CONSECUTIVE_ENV_ERRORS = 5
-#: Polling interval bounds while waiting for fresh weights (`max_lag`), in seconds.
-_POLL_MIN_S, _POLL_MAX_S = 0.002, 0.1
 
 
 #: Upper bounds of an actor's sizes: envs stepped together, steps per fragment.
@@ -67,16 +64,11 @@ class ActorConfig:
     )
     max_lag: int | None = setting(
         None,
-        "refuse to act with weights more than this many versions behind the source: fetch (and "
-        "if need be wait) before the next fragment; None = no bound",
+        "refuse to act with weights more than this many versions behind the source: between "
+        "syncs, ask before every fragment and load the newest weights when they are further "
+        "ahead; None = no bound",
         ge=0,
         le=10**12,
-    )
-    max_lag_timeout_s: float = setting(
-        300.0,
-        "seconds to wait for fresh enough weights before raising TimeoutError",
-        gt=0,
-        le=86_400,
     )
     torch_threads: int = setting(
         1, "torch intra-op threads for the actor's inference", ge=1, le=1024
@@ -99,14 +91,12 @@ class FragmentSink(Protocol):
 
 @runtime_checkable
 class WeightSource(Protocol):
-    """Where the actor gets policy weights (in deploy/: the learner's WeightStore)."""
-
-    def version(self) -> int:
-        """The newest published version; -1 when nothing is published yet. Cheap."""
+    """Where the actor gets policy weights (in deploy/: the learner's WeightStore). A sync is
+    this one call: the actor never asks for the version first."""
 
     def fetch(self, have_version: int) -> tuple[int, dict[str, np.ndarray]] | None:
         """`(version, numpy state dict)` of the newest weights if newer than `have_version`,
-        else None."""
+        else None (and then cheap: no weights move)."""
 
 
 class MemorySink:
@@ -140,10 +130,6 @@ class LocalWeights:
             self._weights = weights
             return self._version
 
-    def version(self) -> int:
-        with self._lock:
-            return self._version
-
     def fetch(self, have_version: int) -> tuple[int, dict[str, np.ndarray]] | None:
         with self._lock:
             if self._weights is None or self._version <= have_version:
@@ -168,10 +154,6 @@ class ActorStats:
 
 
 class _EnvFailure(Exception):
-    pass
-
-
-class _Stopped(Exception):
     pass
 
 
@@ -215,7 +197,6 @@ class RolloutActor:
         self._nonce = uuid.uuid4().hex[:8]
         self._version = -1
         self._since_sync = 0
-        self._stop: threading.Event | None = None
         self._lock = threading.Lock()  # guards the counters below, read by stats()
         self._env_steps = 0
         self._fragments = 0
@@ -293,14 +274,10 @@ class RolloutActor:
 
     def run(self, stop: threading.Event) -> None:
         """Collect until `stop` is set, then flush the sink (every collected fragment is sent)."""
-        self._stop = stop
         try:
             while not stop.is_set():
                 self.collect()
-        except _Stopped:
-            pass
         finally:
-            self._stop = None
             self._sink.flush()
 
     def stats(self) -> ActorStats:
@@ -446,21 +423,21 @@ class RolloutActor:
     # -- weights ---------------------------------------------------------------------------------
 
     def _before_fragment(self) -> None:
-        max_lag = self._config.max_lag
-        if max_lag is not None:
-            latest = self._weights.version()
-            if latest - self._version > max_lag:
-                self._wait_for_weights(max_lag)
-                return
+        """Every `sync_every` fragments a sync; between them, with `max_lag`, a sync that only
+        loads weights more than `max_lag` versions ahead. Each is one `fetch` call."""
         if self._since_sync >= self._config.sync_every:
             self._sync()
+        elif self._config.max_lag is not None and self._sync(beyond=self._config.max_lag):
+            with self._lock:
+                self._max_lag_waits += 1
 
-    def _sync(self) -> bool:
-        """Load the newest weights if the source has newer ones; True when it did."""
-        self._since_sync = 0
-        if self._weights.version() <= self._version:
-            return False
-        got = self._weights.fetch(self._version)
+    def _sync(self, beyond: int = 0) -> bool:
+        """Load the newest weights if they are more than `beyond` versions newer than the
+        acting ones (one `fetch`); True when it did. The newest weights put the actor at lag 0,
+        so it never waits for weights."""
+        got = self._weights.fetch(self._version + beyond)
+        if beyond == 0 or got is not None:
+            self._since_sync = 0
         if got is None:
             return False
         version, weights = got
@@ -469,25 +446,3 @@ class RolloutActor:
             self._version = version
             self._weight_syncs += 1
         return True
-
-    def _wait_for_weights(self, max_lag: int) -> None:
-        """Block until the acting weights are at most `max_lag` versions behind the source."""
-        with self._lock:
-            self._max_lag_waits += 1
-        deadline = time.monotonic() + self._config.max_lag_timeout_s
-        delay = _POLL_MIN_S
-        while True:
-            self._sync()
-            latest = self._weights.version()
-            if latest - self._version <= max_lag:
-                return
-            if self._stop is not None and self._stop.is_set():
-                raise _Stopped()
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"actor {self.actor_id}: weights are version {self._version}, the source "
-                    f"has {latest}, max_lag={max_lag}; no fresh enough weights arrived in "
-                    f"{self._config.max_lag_timeout_s} s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, _POLL_MAX_S)

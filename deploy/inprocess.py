@@ -52,9 +52,6 @@ class StoreWeights:
     def __init__(self, store: WeightStore) -> None:
         self._store = store
 
-    def version(self) -> int:
-        return self._store.version()
-
     def fetch(self, have_version: int) -> tuple[int, dict[str, np.ndarray]] | None:
         return self._store.latest_if_newer(have_version)
 

@@ -60,13 +60,16 @@ def publisher(store_handle: Any) -> Callable[[int, dict[str, np.ndarray]], None]
 
 
 class RayWeightSource:
-    """`actors.rollout.WeightSource` over the weight-store actor."""
+    """`actors.rollout.WeightSource` over the weight-store actor: a sync is one store call,
+    plus one object fetch when there are newer weights. Counts both (the actor's stats)."""
 
     def __init__(self, store: Any):
         self._store = store
-
-    def version(self) -> int:
-        return ray.get(self._store.version.remote(), timeout=FETCH_TIMEOUT_S)
+        self.calls = 0  # store calls (`latest_if_newer`), one per sync
+        self.transfers = 0  # weight fetches from the object store, one per new version loaded
 
     def fetch(self, have_version: int) -> tuple[int, dict[str, np.ndarray]] | None:
-        return fetch_weights(self._store, have_version)
+        self.calls += 1
+        got = fetch_weights(self._store, have_version)
+        self.transfers += got is not None
+        return got

@@ -78,13 +78,14 @@ class RolloutWorker:
     ):
         self.actor_id = actor_id
         self._sink = RaySink(replay, max_inflight)
+        self._weights = RayWeightSource(store)
         self._actor = RolloutActor(
             actor_id,
             env_config,
             actor_config,
             PolicySpec.from_dict(spec),
             sink=self._sink,
-            weights=RayWeightSource(store),
+            weights=self._weights,
         )
         self._stop = threading.Event()
         self._error: str | None = None
@@ -109,6 +110,8 @@ class RolloutWorker:
         stats["inserted"] = self._sink.accepted
         stats["held_back"] = self._sink.held_back
         stats["backpressure_s"] = self._sink.backpressure_s
+        stats["weight_calls"] = self._weights.calls
+        stats["weight_transfers"] = self._weights.transfers
         stats["error"] = self._error
         # A threaded actor may answer stats() before start(): a thread not started yet is
         # not a dead one (ident is None until it starts).
