@@ -83,7 +83,7 @@ class Monkey:
                     os.kill(ray.get(handle.pid.remote(), timeout=30), signal.SIGKILL)
                     kind = "actor SIGKILL"
             else:
-                handle = topo.replay if kind == "replay" else topo.learner
+                handle = topo.shards[0] if kind == "replay" else topo.learner
                 os.kill(ray.get(handle.pid.remote(), timeout=30), signal.SIGKILL)
                 kind = f"{kind} SIGKILL"
         except (ray.exceptions.RayError, TimeoutError, ProcessLookupError) as exc:

@@ -105,6 +105,17 @@ def _num(value: Any, spec: str = ",.0f") -> str:
     return format(value, spec)
 
 
+def _shards_line(shards: list[dict[str, Any]]) -> str:
+    """Each replay shard's size and inserts, when there are several."""
+    if len(shards) < 2:
+        return ""
+    each = ", ".join(
+        f"{k}: {_num(sh['size_fragments'])} held / {_num(sh['inserted'])} in"
+        for k, sh in enumerate(shards)
+    )
+    return f"\n         {len(shards)} shards ({each})"
+
+
 def format_status(s: dict[str, Any]) -> str:
     """The human-readable `offpg status`."""
     if s.get("state") != "running":
@@ -138,7 +149,11 @@ def format_status(s: dict[str, Any]) -> str:
         f"replay   {_num(replay.get('size_fragments'))} fragments "
         f"({_num(replay.get('size_bytes', 0) / 2**20, '.1f')} MiB), "
         f"{_num(replay.get('inserted_per_s'), '.1f')} inserted/s, "
-        f"{_num(replay.get('sampled_per_s'), '.1f')} sampled/s",
+        f"{_num(replay.get('sampled_per_s'), '.1f')} sampled/s, "
+        f"{_num(replay.get('held_back'))} inserts held back"
+        + _shards_line(replay.get("shards") or []),
+        f"driver   {_num(s.get('driver_poll_ms'), '.1f')} ms per poll; actors waited "
+        f"{_num(s.get('backpressure_s'), '.1f')} s on the replay (backpressure)",
         f"ckpt     {s.get('last_checkpoint') or '-'}",
         f"logs     {s['run_dir']}  (TensorBoard: {s['tensorboard']})",
     ]

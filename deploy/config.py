@@ -32,6 +32,7 @@ from learner.learner import LearnerConfig
 from learner.policy import NETWORKS
 from replay.fields import FieldError, check, describe, setting, short
 from replay.service import ReplayConfig
+from replay.shards import shard_configs
 
 #: The recipe `offpg train` runs without `--config`: CartPole-v1 to a mean return of 475.
 RECIPE = Path(__file__).resolve().parent / "configs" / "cartpole.toml"
@@ -40,6 +41,11 @@ MOVED = {
     "env.num_envs": "actors.num_envs",
     "actors.num_cpus": "run.actor_cpus",
     "actors.max_inflight": "run.actor_max_inflight",
+}
+#: Keys that are gone, and why: an old file or `--set` gets told.
+REMOVED = {
+    "actors.max_lag_timeout_s": "a weight sync returns the newest weights in one call, so an "
+    "actor over actors.max_lag loads them at once and never waits",
 }
 
 
@@ -209,12 +215,32 @@ def load_config(
         section: _build(section, getattr(defaults, section), tree[section]) for section in SECTIONS
     }
     config = JobConfig(**built)
+    _check_batch_fits(config)
     if check_env:
         try:
             check_env_id(config.env.id)
         except FieldError as exc:
             raise ConfigError(f"env.{exc.field}", exc.problem) from None
     return config
+
+
+def _check_batch_fits(config: JobConfig) -> None:
+    """A batch comes from one replay shard (`replay.shards`): it must fit in one."""
+    replay, batch = config.replay, config.learner.batch_size
+    per_shard = shard_configs(replay)[0].capacity_fragments
+    if batch <= per_shard:
+        return
+    if replay.num_shards > 1:
+        raise ConfigError(
+            "replay.num_shards",
+            f"is {replay.num_shards}: each shard holds {per_shard} fragments "
+            f"(replay.capacity_fragments / num_shards), fewer than learner.batch_size {batch}, "
+            "and a batch comes from one shard: it could never be served",
+        )
+    raise ConfigError(
+        "learner.batch_size",
+        f"is {batch}, above replay.capacity_fragments {per_shard}: it could never be served",
+    )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -234,6 +260,8 @@ def _check_name(name: str, known: Mapping[str, Any], prefix: str) -> None:
     key = f"{prefix}{name}"
     if key in MOVED:
         raise ConfigError(key, f"has moved: set {MOVED[key]} instead")
+    if key in REMOVED:
+        raise ConfigError(key, f"was removed: {REMOVED[key]}")
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f"; did you mean {prefix}{close[0]}?" if close else ""
     raise ConfigError(_printable(key), f"unknown key{hint} (known: {', '.join(sorted(known))})")

@@ -5,16 +5,22 @@ The fleet adds and removes actor handles in `Topology.actors`. Each live actor h
 they move into `Fleet.retired`, so every total (env steps, env errors, fragments acknowledged
 and refused) only goes up. The episodes the actors finished go into a window of the last
 `RETURN_WINDOW` episodes, which the target return is checked against.
+
+What a poll costs does not grow with waiting on actors one by one: each actor has at most one
+stats call in flight, all of them are waited for together (`gather`: one `ray.wait` with a
+deadline), the answers that are back are taken, and the others stay in flight for the next
+look (`poll` or `take_ready`, which asks nothing). Actors are stopped the same way: all told at
+once, all answers waited for together.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import sys
 import time
-from typing import Any
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import ray
 
@@ -28,9 +34,34 @@ RETURN_WINDOW = 100
 PENDING_NOTICE_S = 10.0
 #: Seconds a pending actor (maybe never scheduled) gets to stop before it is killed.
 PENDING_STOP_S = 2.0
-#: Seconds a poll waits for the stats of a running actor; a pending one gets `PENDING_POLL_S`.
-RUNNING_POLL_S = 10.0
-PENDING_POLL_S = 0.5
+#: Seconds a poll waits for the stats of all actors together; later answers are taken later.
+POLL_WAIT_S = 0.5
+#: Seconds a stopping actor gets to finish its fragment and settle its inserts (held back by the
+#: replay's rate limiter while the learner catches up); the driver waits a little longer.
+FLUSH_S = 60.0
+STOP_WAIT_S = FLUSH_S + 30.0
+
+K = TypeVar("K", bound=Hashable)
+
+
+def gather(calls: Mapping[K, Any], timeout: float) -> dict[K, Any]:
+    """The answers of those `calls` (key -> Ray object ref) that are ready within `timeout`
+    seconds, all waited for together in one `ray.wait`: key -> result, or the `RayError` the
+    call raised. Calls not ready are left alone (still in flight)."""
+    if not calls:
+        return {}
+    keys = {ref: key for key, ref in calls.items()}
+    ready, _ = ray.wait(list(keys), num_returns=len(keys), timeout=timeout)
+    try:
+        return {keys[ref]: value for ref, value in zip(ready, ray.get(ready), strict=True)}
+    except ray.exceptions.RayError:  # some call failed: take them one by one
+        answers = {}
+        for ref in ready:
+            try:
+                answers[keys[ref]] = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                answers[keys[ref]] = exc
+        return answers
 
 
 @dataclasses.dataclass
@@ -42,6 +73,8 @@ class ActorCounters:
     env_errors: int = 0
     inserted: int = 0  # fragments the replay service acknowledged
     invalid: int = 0  # fragments the codec refused at the actor (NaN rewards)
+    held_back: int = 0  # inserts the replay held back, each sent again
+    backpressure_s: float = 0.0  # seconds the actor waited for its inserts to settle
 
     @classmethod
     def from_stats(cls, stats: dict[str, Any]) -> ActorCounters:
@@ -50,14 +83,13 @@ class ActorCounters:
             env_errors=int(stats["env_errors"]),
             inserted=int(stats.get("inserted", 0)),
             invalid=int(stats.get("invalid_fragments", 0)),
+            held_back=int(stats.get("held_back", 0)),
+            backpressure_s=float(stats.get("backpressure_s", 0.0)),
         )
 
     def __add__(self, other: ActorCounters) -> ActorCounters:
         return ActorCounters(
-            env_steps=self.env_steps + other.env_steps,
-            env_errors=self.env_errors + other.env_errors,
-            inserted=self.inserted + other.inserted,
-            invalid=self.invalid + other.invalid,
+            *(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self))
         )
 
 
@@ -115,9 +147,13 @@ class Fleet:
         self.state: dict[int, ActorState] = {}
         #: Counts of the actors retired or restarted (and the env steps of a resumed run).
         self.retired = ActorCounters(env_steps=restored_env_steps)
+        #: Fragments the retired or restarted actors had acknowledged, by replay shard.
+        self._retired_acks = collections.Counter()
         self.episodes = Episodes()
         self.restarts = 0
         self._pending_since = time.monotonic()
+        #: The stats call in flight of each actor that has one (`poll`).
+        self._asked: dict[int, Any] = {}
 
     # -- what the fleet reports ----------------------------------------------------------------
 
@@ -144,6 +180,15 @@ class Fleet:
         """The policy version each actor acts with (the ones that have reported)."""
         return {i: s.policy_version for i, s in self.state.items() if s.policy_version is not None}
 
+    def acknowledged_by_shard(self) -> list[int]:
+        """Fragments acknowledged by each replay shard (actor i inserts into shard i % N), over
+        every actor of the run, live and retired."""
+        n = len(self._topo.shards)
+        acks = [self._retired_acks[k] for k in range(n)]
+        for actor_id, state in self.state.items():
+            acks[actor_id % n] += state.counters.inserted
+        return acks
+
     def by_node(self) -> dict[str, int]:
         """How many actors run on each node (the ones that have reported)."""
         return dict(collections.Counter(s.node for s in self.state.values() if s.node is not None))
@@ -156,8 +201,7 @@ class Fleet:
         Pending actors (never scheduled, or not yet answering) are removed first, newest first.
         """
         victims = sorted(self.state, key=lambda i: (self.state[i].pending, i), reverse=True)
-        for actor_id in victims[: max(len(self.state) - num_actors, 0)]:
-            self._retire(actor_id)
+        self._retire(victims[: max(len(self.state) - num_actors, 0)])
         next_id = max([*self.state, -1]) + 1
         while len(self.state) < num_actors:
             self._spawn(next_id)
@@ -165,56 +209,79 @@ class Fleet:
 
     def stop(self) -> None:
         """Retire every actor (each sends its last fragment)."""
-        for actor_id in sorted(self.state):
-            self._retire(actor_id)
+        self._retire(sorted(self.state))
 
     def _spawn(self, actor_id: int) -> None:
         topo = self._topo
-        handle = topology.start_actor(actor_id, self._config, self._spec, topo.replay, topo.store)
+        handle = topology.start_actor(
+            actor_id, self._config, self._spec, topo.shard_of(actor_id), topo.store
+        )
         handle.start.remote()
         topo.actors[actor_id] = handle
         self.state[actor_id] = ActorState()
 
-    def _retire(self, actor_id: int) -> None:
-        handle = self._topo.actors.pop(actor_id)
+    def _retire(self, actor_ids: Iterable[int]) -> None:
+        """Stop these actors, all at once: each sends its last fragment and settles its inserts
+        (`FLUSH_S`), and its final stats are taken; then it is killed."""
+        ids = list(actor_ids)
+        stops = {i: self._topo.actors[i].stop.remote(FLUSH_S) for i in ids}
         # A pending actor may never have been scheduled: it holds no data, so it does not get
-        # the full timeout to answer (that would stall the driver for every one of them).
-        timeout = PENDING_STOP_S if self.state[actor_id].pending else topology.CALL_TIMEOUT
-        with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
-            self._absorb(actor_id, ray.get(handle.stop.remote(), timeout=timeout))
-        self._forget(actor_id)
-        ray.kill(handle, no_restart=True)
+        # the running actors' time to answer.
+        answers = gather({i: c for i, c in stops.items() if not self.state[i].pending}, STOP_WAIT_S)
+        answers |= gather({i: c for i, c in stops.items() if self.state[i].pending}, PENDING_STOP_S)
+        for actor_id in ids:
+            # A stats answer still in flight came before the stop's: its episodes count too.
+            earlier = gather({0: self._asked.pop(actor_id)}, 0) if actor_id in self._asked else {}
+            for stats in (earlier.get(0), answers.get(actor_id)):
+                if isinstance(stats, dict):
+                    self._absorb(actor_id, stats)
+            self._forget(actor_id)
+            ray.kill(self._topo.actors.pop(actor_id), no_restart=True)
 
     def _restart(self, actor_id: int) -> None:
         ray.kill(self._topo.actors.pop(actor_id), no_restart=True)
+        self._asked.pop(actor_id, None)
         self._forget(actor_id)
         self.restarts += 1
         self._spawn(actor_id)
 
     def _forget(self, actor_id: int) -> None:
         """Drop a removed actor; its counts go into `retired`, so totals never go backwards."""
-        self.retired += self.state.pop(actor_id).counters
+        counters = self.state.pop(actor_id).counters
+        self.retired += counters
+        self._retired_acks[actor_id % len(self._topo.shards)] += counters.inserted
 
     # -- polling -------------------------------------------------------------------------------
 
-    def poll(self) -> None:
-        """Collect every actor's stats; restart actors that died; note the ones still pending."""
-        refs = {actor_id: h.stats.remote() for actor_id, h in self._topo.actors.items()}
-        # One short wait for all of them, so many pending actors cost 0.5 s, not 0.5 s each.
-        ray.wait(list(refs.values()), num_returns=len(refs), timeout=PENDING_POLL_S)
-        for actor_id, ref in refs.items():
-            self._collect(actor_id, ref)
+    def poll(self, wait_s: float = POLL_WAIT_S) -> None:
+        """`ask`, wait at most `wait_s` for all the answers together, and take those that are
+        back (as `take_ready`). The rest are taken later."""
+        self.ask()
+        self._take(wait_s)
 
-    def _collect(self, actor_id: int, ref: Any) -> None:
-        state = self.state[actor_id]
-        try:
-            ready, _ = ray.wait([ref], timeout=PENDING_POLL_S if state.pending else RUNNING_POLL_S)
-            if not ready:
-                return  # still being scheduled or constructed
-            stats = ray.get(ref)
-        except ray.exceptions.RayActorError:
+    def ask(self) -> None:
+        """Ask every actor with no stats call in flight for its stats (no waiting)."""
+        for actor_id, handle in self._topo.actors.items():
+            if actor_id not in self._asked:
+                self._asked[actor_id] = handle.stats.remote()
+
+    def take_ready(self) -> None:
+        """Take the stats answers that are back, asking nothing and waiting for nothing:
+        counters, episodes, and a restart for every actor that died."""
+        self._take(0.0)
+
+    def _take(self, wait_s: float) -> None:
+        for actor_id, answer in gather(self._asked, wait_s).items():
+            del self._asked[actor_id]
+            self._collect(actor_id, answer)
+
+    def _collect(self, actor_id: int, stats: Any) -> None:
+        if isinstance(stats, ray.exceptions.RayActorError):
             self._restart(actor_id)
             return
+        if isinstance(stats, BaseException):
+            raise stats
+        state = self.state[actor_id]
         state.pending = False
         state.node = stats.get("node_id", "")
         self._absorb(actor_id, stats)

@@ -1,13 +1,14 @@
 """The training job: start the actors, supervise them, log, and stop cleanly.
 
 `train(config)` is what `offpg train` runs. It starts an embedded Ray (or connects to
-`run.address`), wires the replay service, weight store, learner and rollout actors
+`run.address`), wires the replay shards, weight store, learner and rollout actors
 (`deploy.topology`), and then, every `run.log_every` seconds, polls them (`deploy.fleet`
-restarts dead actors), records the poll (`deploy.report`: TensorBoard points, progress line,
-status), obeys the orders of `offpg scale | stop` (`deploy.controller`), and checks the stop
-rules: the step budget or the target return. Ctrl-C and a learner failure stop it too. Every
-exit path stops the actors (their last fragment is sent), writes the learner's final checkpoint
-and a replay snapshot, flushes the logs and shuts down the Ray it started.
+restarts dead actors, `deploy.replay_shards` counts replay restarts), records the poll
+(`deploy.report`: TensorBoard points, progress line, status), obeys the orders of `offpg scale
+| stop` (`deploy.controller`), and checks the stop rules: the step budget or the target return.
+Ctrl-C and a learner failure stop it too. Every exit path stops the actors (their last fragment
+is sent), writes the learner's final checkpoint and a snapshot of every replay shard, flushes
+the logs and shuts down the Ray it started.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ from deploy import report, topology
 from deploy.config import ConfigError, JobConfig, RunConfig
 from deploy.controller import Orders
 from deploy.fleet import Fleet
-from deploy.inprocess import job_fragment_spec
+from deploy.replay_shards import ReplayShards, stray_snapshots
 from deploy.report import Reporter, RunSummary, Stop
 from learner import checkpoint
 
 #: Seconds the learner may stay unreachable (Ray restarting it) before the run fails.
 LEARNER_RESTART_TIMEOUT_S = 180.0
-#: Between the full polls (every `run.log_every` s), the actors' episode returns are read this
-#: often to see the target return: a solved run ends within ~0.25 s, not up to `log_every`.
+#: Seconds before each full poll (every `run.log_every` s) that the actors are asked for their
+#: stats (one call each, not waited for): their answers are back when the poll takes them.
+ASK_AHEAD_S = 0.5
+#: From then until the poll, the driver takes the answers that came back this often (asking
+#: nothing) and checks the target return: a solved run ends within ~0.25 s of the answers.
 SOLVE_CHECK_S = 0.25
 
 
@@ -62,8 +66,9 @@ def ray_cpus(config: JobConfig) -> int:
 class Faults:
     """Restarts of the replay service and of the learner that the driver recovered from."""
 
-    replay_restarts: int = 0
-    #: Acknowledged inserts the restarted replay services had no record of (see `check_replay`).
+    replay_restarts: int = 0  # over all shards
+    #: Acknowledged inserts the restarted replay shards had no record of
+    #: (`deploy.replay_shards.ReplayShards`).
     lost_fragments: int = 0
     learner_restarts: int = 0
     #: (checkpoint version restored, version continued as) of each learner restart.
@@ -85,6 +90,14 @@ class Job:
                 checkpoint.resume_point(str(self.checkpoint_dir))
             except checkpoint.NoCheckpoint as exc:
                 raise ConfigError("run.resume", str(exc)) from None
+        shards = config.replay.num_shards
+        if config.run.resume and (stray := stray_snapshots(self.snapshot_path, shards)):
+            raise ConfigError(
+                "replay.num_shards",
+                f"is {shards}, but the run's replay snapshots "
+                f"({', '.join(p.name for p in stray)}) were written by another number of shards: "
+                "resume with the number it ran with",
+            )
         if not config.run.resume and self.run_dir.exists():
             raise ConfigError("run.name", f"{self.run_dir} exists: add --resume or pick a new name")
         obs_space, action_space = probe_spaces(config.env)
@@ -93,13 +106,14 @@ class Job:
             obs_space, action_space, network=network, hidden_sizes=config.policy.hidden_sizes
         )
         self.topology: topology.Topology | None = None
+        self.replay: ReplayShards | None = None
         self.fleet: Fleet | None = None
         self.controller: Any = None  # the run's named controller (deploy.controller)
         self.placement: dict[str, Any] = {}
         self.version = 0  # the learner's, at the last poll
         self.faults = Faults()
-        self._replay_incarnation: str | None = None
-        self._lost_baseline = 0
+        #: Milliseconds the last full poll took (actors, learner, replay shards).
+        self.poll_ms = 0.0
         self._learner_down_since: float | None = None
 
     @property
@@ -116,7 +130,19 @@ class Job:
             self.controller = topology.start_controller(self.name, cfg.run.num_actors)
         except ValueError:
             raise ConfigError("run.name", f"a run named {self.name!r} is already running") from None
-        info = self._start_learner_and_replay()
+        # The replay shards snapshot into the run directory (periodically when
+        # replay.snapshot_every is set, and at the end); a resumed run restores from there.
+        core = topology.start_core(
+            cfg, self.spec, str(self.checkpoint_dir), str(self.snapshot_path)
+        )
+        info = core.learner_info
+        if cfg.run.resume and info["restored"] is None:  # its node does not see the checkpoints
+            ray.kill(core.topology.learner, no_restart=True)  # before it writes one over the run's
+            raise ConfigError(
+                "run.resume", f"the learner found no readable checkpoint in {self.checkpoint_dir}"
+            )
+        self.topology, self.placement = core.topology, core.placement
+        self.replay = ReplayShards(self.topology.shards, self.snapshot_path, self.faults)
         self.version = info["version"]
         restored_steps = info["counters"].get("env_steps", 0) if info["restored"] is not None else 0
         print(
@@ -128,80 +154,18 @@ class Job:
         )
         self.fleet = Fleet(self.topology, cfg, self.spec, int(restored_steps))
         replay_stats = self.poll_replay()
-        if replay_stats["restored_fragments"] or replay_stats["restore_error"]:
+        if replay_stats["restored_fragments"] or replay_stats["restore_errors"]:
+            errors = "; ".join(replay_stats["restore_errors"])
             print(
-                f"offpg: replay service restored {replay_stats['restored_fragments']} fragments "
-                f"from {self.snapshot_path}"
-                + (f" ({replay_stats['restore_error']})" if replay_stats["restore_error"] else ""),
+                f"offpg: replay restored {replay_stats['restored_fragments']} fragments from "
+                f"{', '.join(self.replay.snapshot_paths())}" + (f" ({errors})" if errors else ""),
                 flush=True,
             )
         self.fleet.scale(cfg.run.num_actors)
 
-    def _start_learner_and_replay(self) -> dict[str, Any]:
-        """Start the weight store, learner and replay service; the learner's `start()` answer."""
-        cfg = self.config
-        # The replay service snapshots into the run directory (periodically when
-        # replay.snapshot_every is set, and at the end); a resumed run restores from there.
-        replay_cfg = dataclasses.replace(cfg.replay, snapshot_path=str(self.snapshot_path))
-        store = topology.start_store()
-        # The learner is placed first (on a GPU node when it wants one), the replay service
-        # next to it, so batches never cross the network.
-        learner = topology.start_learner(
-            self.spec, cfg.learner, str(self.checkpoint_dir), None, store, cfg.run.resume
-        )
-        learner_node = ray.get(learner.node_id.remote(), timeout=topology.CALL_TIMEOUT * 5)
-        replay = topology.start_replay(
-            replay_cfg, node_id=learner_node, spec=job_fragment_spec(cfg, self.spec)
-        )
-        # Waited for: the learner is a threaded actor, so calls to it are not ordered.
-        ray.get(learner.attach_replay.remote(replay), timeout=topology.CALL_TIMEOUT)
-        info = ray.get(learner.start.remote(), timeout=topology.CALL_TIMEOUT * 5)
-        if cfg.run.resume and info["restored"] is None:  # its node does not see the checkpoints
-            ray.kill(learner, no_restart=True)  # before it writes one over the run's
-            raise ConfigError(
-                "run.resume", f"the learner found no readable checkpoint in {self.checkpoint_dir}"
-            )
-        self.placement = {
-            "learner_node": learner_node,
-            "replay_node": ray.get(replay.node_id.remote(), timeout=topology.CALL_TIMEOUT),
-        }
-        self.topology = topology.Topology(replay, store, learner, {}, info["device"])
-        return info
-
     def poll_replay(self) -> dict[str, Any]:
-        """The replay service's stats, after counting a restart of it (`check_replay`)."""
-        stats = ray.get(self.topology.replay.stats.remote(), timeout=topology.CALL_TIMEOUT)
-        self.check_replay(stats)
-        return stats
-
-    def check_replay(self, stats: dict[str, Any]) -> None:
-        """Count a restart of the replay service (a new `incarnation`) and what it lost.
-
-        Lost fragments are the acknowledged inserts the restarted service has no record of:
-        its `inserted` counter comes back from the snapshot, so everything inserted after the
-        last snapshot and before the crash is missing from it (whether or not the learner had
-        already sampled it). The offset `acknowledged - inserted` is steady while nothing is lost
-        (it moves only by inserts in flight and by acks of killed actors not yet reported), so
-        the loss of a restart is how much the offset grew across the poll that saw it; exact
-        up to the inserts in flight then (at most actors x `run.actor_max_inflight`).
-        """
-        offset = self.fleet.total().inserted - int(stats["inserted"])
-        if (
-            self._replay_incarnation is not None
-            and stats["incarnation"] != self._replay_incarnation
-        ):
-            lost = max(0, offset - self._lost_baseline)
-            self.faults.replay_restarts += 1
-            self.faults.lost_fragments += lost
-            error = f"; {stats['restore_error']}" if stats.get("restore_error") else ""
-            print(
-                f"\noffpg: replay service restarted ({self.faults.replay_restarts}): restored "
-                f"{stats['restored_fragments']} fragments from its snapshot, {lost} acknowledged "
-                f"fragment(s) lost{error}",
-                file=sys.stderr,
-            )
-        self._replay_incarnation = stats["incarnation"]
-        self._lost_baseline = offset
+        """Every replay shard's stats, merged, after counting shard restarts."""
+        return self.replay.poll(self.fleet.acknowledged_by_shard())
 
     def drain_learner(self) -> dict[str, Any] | None:
         """The learner's metrics since the last call; None while Ray restarts its process.
@@ -233,7 +197,7 @@ class Job:
     def _restart_learner(self) -> int:
         """Attach the replay service to a learner Ray restarted and start it; its new version."""
         learner = self.topology.learner
-        ray.get(learner.attach_replay.remote(self.topology.replay), timeout=topology.CALL_TIMEOUT)
+        ray.get(learner.attach_replay.remote(self.topology.shards), timeout=topology.CALL_TIMEOUT)
         info = ray.get(learner.start.remote(), timeout=topology.CALL_TIMEOUT * 5)
         self.faults.learner_restarts += 1
         self.faults.learner_restores.append((info["restored"], info["version"]))
@@ -254,7 +218,8 @@ class Job:
             return None
 
     def stop(self) -> dict:
-        """Stop actors (last fragments sent), then the learner (final checkpoint), snapshot."""
+        """Stop actors (last fragments sent), then the learner (final checkpoint), snapshot
+        every replay shard."""
         if self.fleet is not None:
             self.fleet.stop()
         learner = self.topology.learner
@@ -264,10 +229,7 @@ class Job:
         except ray.exceptions.RayActorError:
             # Killed just now: Ray restarts it from its checkpoint; that one writes the last.
             final = ray.get(learner.stop.remote(counters), timeout=topology.CALL_TIMEOUT * 2)
-        ray.get(
-            self.topology.replay.snapshot.remote(str(self.snapshot_path)),
-            timeout=topology.CALL_TIMEOUT,
-        )
+        self.replay.snapshot_all()
         return final
 
     def finish_controller(self, reason: str, final: dict) -> None:
@@ -316,15 +278,20 @@ def _drive(job: Job, reporter: Reporter, on_poll: OnPoll | None) -> Stop:
     """Every `run.log_every` s: poll, record, obey the controller's orders, check stop rules."""
     run, fleet = job.config.run, job.fleet
     while True:
-        _wait_for_poll(fleet, run)
-        fleet.poll()
+        busy_s = _wait_for_poll(fleet, run)
+        start = time.perf_counter()
+        fleet.take_ready()
         learner = job.drain_learner()
         if learner is None:  # being restarted by Ray
             continue
         if learner["error"]:
             return Stop(f"learner failed: {learner['error']}", ok=False)
         job.version = learner["version"]
-        orders = job.publish(reporter.record(learner, job.poll_replay()))
+        replay = job.poll_replay()
+        # The driver's own time for this poll: asking the actors, taking their answers, the
+        # learner's and the replay shards' calls (not the sleeps between).
+        job.poll_ms = (busy_s + time.perf_counter() - start) * 1000
+        orders = job.publish(reporter.record(learner, replay))
         if on_poll is not None and on_poll(job):
             return Stop("stopped by on_poll")
         if orders is not None and orders.stop:
@@ -345,19 +312,26 @@ def _drive(job: Job, reporter: Reporter, on_poll: OnPoll | None) -> Stop:
             return Stop("env-step budget reached")
 
 
-def _wait_for_poll(fleet: Fleet, run: RunConfig) -> None:
-    """Sleep until the next full poll, `run.log_every` s; earlier once the target is reached."""
-    target = run.target_return
-    if target is None:
-        time.sleep(run.log_every)
-        return
+def _wait_for_poll(fleet: Fleet, run: RunConfig) -> float:
+    """Sleep until the next full poll, `run.log_every` s, asking the actors for their stats
+    `ASK_AHEAD_S` before it; earlier once the answers taken show the target return. Returns
+    the seconds spent asking and taking (the driver's work, not its sleep)."""
     deadline = time.monotonic() + run.log_every
+    time.sleep(max(run.log_every - ASK_AHEAD_S, 0.0))
+    start = time.perf_counter()
+    fleet.ask()
+    busy = time.perf_counter() - start
+    if run.target_return is None:
+        time.sleep(max(deadline - time.monotonic(), 0.0))
+        return busy
     while (remaining := deadline - time.monotonic()) > 0:
         time.sleep(min(remaining, SOLVE_CHECK_S))
-        if time.monotonic() < deadline:
-            fleet.poll()
-            if fleet.episodes.reached(target):
-                return
+        start = time.perf_counter()
+        fleet.take_ready()
+        busy += time.perf_counter() - start
+        if fleet.episodes.reached(run.target_return):
+            break
+    return busy
 
 
 def _init_ray(config: JobConfig) -> bool:

@@ -54,6 +54,18 @@ ACTORS_INVALID = "actors/invalid_fragments"  # refused by the codec at the actor
 REPLAY_RESTARTS = "replay/restarts"
 REPLAY_LOST = "replay/lost_fragments"
 LEARNER_RESTARTS = "learner/restarts"
+# Backpressure: inserts the replay's rate limiter held back (each sent again by its actor), and
+# the seconds the actors waited for their inserts to settle, summed over actors (cumulative).
+REPLAY_HELD_BACK = "replay/held_back"
+ACTORS_BACKPRESSURE_S = "actors/backpressure_s"
+#: Milliseconds the driver spent on its last poll (actors, learner, replay shards).
+DRIVER_POLL_MS = "driver/poll_ms"
+
+
+def shard_tag(shard: int, name: str) -> str:
+    """A replay shard's own tag (`replay/shard_3/size`), written when there are several."""
+    return f"replay/shard_{shard}/{name}"
+
 
 #: Tags every run must write (the integration test reads them back).
 REQUIRED_TAGS: tuple[str, ...] = (

@@ -225,11 +225,32 @@ def tensorboard_points(
         tags.REPLAY_RESTARTS: faults.replay_restarts,
         tags.REPLAY_LOST: faults.lost_fragments,
         tags.LEARNER_RESTARTS: faults.learner_restarts,
+        tags.REPLAY_HELD_BACK: replay["insert_timeouts"],
+        tags.ACTORS_BACKPRESSURE_S: total.backpressure_s,
+        tags.DRIVER_POLL_MS: job.poll_ms,
+        **shard_points(replay["shards"]),
+    }
+
+
+def shard_points(shards: list[dict[str, Any]]) -> dict[str, float]:
+    """Each replay shard's size, inserts and samples (nothing for a single shard: the totals
+    say it all)."""
+    if len(shards) < 2:
+        return {}
+    return {
+        tags.shard_tag(k, name): shard[key]
+        for k, shard in enumerate(shards)
+        for name, key in (
+            ("size", "size_fragments"),
+            ("inserted", "inserted"),
+            ("sampled", "sampled"),
+        )
     }
 
 
 def replay_status(now: dict, before: dict | None, seconds: float) -> dict[str, Any]:
-    """Replay size and insert/sample rates (per second) since the last poll."""
+    """Replay size and insert/sample rates (per second) since the last poll, over all shards,
+    and each shard's size, inserts, samples and held-back inserts (`shards`)."""
     rates = {}
     for key in ("inserted", "sampled", "evicted", "dropped_stale"):
         if before is not None and seconds > 0:
@@ -240,6 +261,8 @@ def replay_status(now: dict, before: dict | None, seconds: float) -> dict[str, A
         "inserted": now["inserted"],
         "sampled": now["sampled"],
         "rejected": sum(now["rejected"].values()),
+        "held_back": now["insert_timeouts"],
+        "shards": now["shards"],
         **rates,
     }
 
@@ -264,6 +287,8 @@ def running_status(job: Job, **interval: Any) -> dict[str, Any]:
         },
         "env_steps": job.env_steps,
         "env_errors": fleet.total().env_errors,
+        "backpressure_s": fleet.total().backpressure_s,
+        "driver_poll_ms": job.poll_ms,
         "episodes": fleet.episodes.count,
         "learner": {"version": job.version, "device": job.topology.learner_device},
         "placement": job.placement,

@@ -18,6 +18,8 @@ MAX_FRAGMENTS = 10_000_000
 MAX_SEED = 2**32 - 1
 #: Longest wait between snapshots, in seconds (a day).
 MAX_SNAPSHOT_EVERY = 86_400.0
+#: Most replay shards a job may split its replay into (each is its own process).
+MAX_SHARDS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,13 @@ class ReplayConfig:
         0.0, "seconds between periodic snapshots; 0 = none", ge=0, le=MAX_SNAPSHOT_EVERY
     )
     seed: int | None = setting(None, "seed of the uniform sampler", ge=0, le=MAX_SEED)
+    num_shards: int = setting(
+        1,
+        "replay services (processes) the job splits this replay into, each with 1/num_shards of "
+        "the capacity and the same samples-per-insert ratio (replay.shards)",
+        ge=1,
+        le=MAX_SHARDS,
+    )
 
     def __post_init__(self) -> None:
         check(self)
@@ -112,6 +121,12 @@ class ReplayConfig:
             )
         if self.snapshot_every > 0 and not self.snapshot_path:
             raise FieldError("snapshot_every", "is set but snapshot_path is not: nowhere to write")
+        if self.num_shards > self.capacity_fragments:
+            raise FieldError(
+                "num_shards",
+                f"is {self.num_shards}, above capacity_fragments {self.capacity_fragments}: "
+                "every shard must hold at least one fragment",
+            )
 
     def rate_limiter(self) -> RateLimiter:
         """A fresh `RateLimiter` with this config's ratio, tolerance and minimum size."""

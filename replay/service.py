@@ -22,6 +22,8 @@ The policy is explicit in a frozen `ReplayConfig` (`replay.config`; also importa
                   meets whose `policy_version` is more than `max_staleness` behind.
   snapshots       `snapshot(path)` writes contents and counters atomically (`replay.snapshot`);
                   a service whose `snapshot_path` exists starts from it.
+  shards          `num_shards` is how a job splits its replay into services (`replay.shards`);
+                  one service holds what its own config says and ignores it.
 
 Where a batch is stacked: `sample` stacks in the service and returns a `Batch`;
 `sample_fragments` returns the fragments and the caller stacks them (`Batch.stack`). Through Ray

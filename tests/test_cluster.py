@@ -292,7 +292,7 @@ def test_launch_scale_2_4_1_and_stop(cluster, tmp_path):
             lambda s: running(2)(s) and s["env_steps"] > 0,
         )
         # Placement: the replay service sits on the learner's node; actors spread.
-        assert first["placement"]["replay_node"] == first["placement"]["learner_node"]
+        assert set(first["placement"]["replay_nodes"]) == {first["placement"]["learner_node"]}
         assert first["cluster"]["cpus_total"] == 5
         steps = [first["env_steps"]]
 

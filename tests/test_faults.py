@@ -167,7 +167,7 @@ class Chaos:
             os.kill(ray.get(topo.actors[1].pid.remote(), timeout=30), signal.SIGKILL)
             self._next("actor 1 SIGKILL", job)
         elif self.phase == 2 and full and job.fleet.restarts >= 2:
-            os.kill(ray.get(topo.replay.pid.remote(), timeout=30), signal.SIGKILL)
+            os.kill(ray.get(topo.shards[0].pid.remote(), timeout=30), signal.SIGKILL)
             self._next("replay SIGKILL", job)
         elif (
             self.phase == 3
@@ -175,14 +175,14 @@ class Chaos:
             and list(job.checkpoint_dir.glob("*.pt"))
         ):
             # Malformed bytes on the restarted service's insert path.
-            self.rejected_before = ray.get(topo.replay.stats.remote(), timeout=30)["rejected"]
+            self.rejected_before = ray.get(topo.shards[0].stats.remote(), timeout=30)["rejected"]
             self.bad_results = ray.get(
-                [topo.replay.insert.remote(m) for m in _bad_messages()], timeout=30
+                [topo.shards[0].insert.remote(m) for m in _bad_messages()], timeout=30
             )
             self.misfit_results = ray.get(
-                [topo.replay.insert.remote(m) for m in _misfit_messages(job)], timeout=30
+                [topo.shards[0].insert.remote(m) for m in _misfit_messages(job)], timeout=30
             )
-            self.rejected_after = ray.get(topo.replay.stats.remote(), timeout=30)["rejected"]
+            self.rejected_after = ray.get(topo.shards[0].stats.remote(), timeout=30)["rejected"]
             self.version_before_learner_kill = job.version
             os.kill(ray.get(topo.learner.pid.remote(), timeout=30), signal.SIGKILL)
             self._next("learner SIGKILL", job)

@@ -1,4 +1,4 @@
-"""The learner's Ray actor: `LearnerWorker` steps a `Learner` on the replay service's batches in
+"""The learner's Ray actor: `LearnerWorker` steps a `Learner` on the replay shards' batches in
 its own thread and publishes its weights to the weight store."""
 
 from __future__ import annotations
@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
 import ray
 
 from deploy.weights import publisher
-from deploy.workers import CALL_TIMEOUT, wait_patiently, was_restarted
+from deploy.workers import CALL_TIMEOUT, STOP_CHECK_S, was_restarted
 from learner.learner import Learner, LearnerConfig
 from learner.policy import PolicySpec
 from replay.trajectory import Batch
@@ -32,7 +33,7 @@ class LearnerWorker:
     so a learner going back to its checkpoint's version would never reach the actors (and their
     policy lag would go negative). Versions stay monotonic everywhere (weights, fragments,
     checkpoint names, TensorBoard); the jump is `store version + 1 - checkpoint version`.
-    The driver sees `started: False` in `drain()`, re-attaches the replay service and calls
+    The driver sees `started: False` in `drain()`, re-attaches the replay shards and calls
     `start()`.
     """
 
@@ -41,11 +42,11 @@ class LearnerWorker:
         spec: dict,
         config: LearnerConfig,
         checkpoint_dir: str,
-        replay: Any,
+        shards: list[Any] | None,
         store: Any,
         resume: bool,
     ):
-        self._replay = replay
+        self._shards = shards or []
         self.learner = Learner(
             PolicySpec.from_dict(spec),
             config,
@@ -77,28 +78,42 @@ class LearnerWorker:
         self.learner.publish_weights()
 
     def node_id(self) -> str:
-        """The node this learner runs on (the replay service is placed next to it)."""
+        """The node this learner runs on (the replay shards are placed next to it)."""
         return ray.get_runtime_context().get_node_id()
 
     def pid(self) -> int:
         """This worker's process id (fault-injection tests SIGKILL it)."""
         return os.getpid()
 
-    def attach_replay(self, replay: Any) -> None:
-        """Set the replay actor when it was started after the learner (to share its node)."""
-        self._replay = replay
+    def attach_replay(self, shards: list[Any]) -> None:
+        """Set the replay shards when they were started after the learner (to share its node)."""
+        self._shards = list(shards)
 
     def _batches(self):
+        """Batches from every shard: one sample call in flight per shard, the first answer
+        trained on first (`replay.shards`). No deadline ends the run: a shard held back or
+        restarting by Ray is waited for, with a warning every `CALL_TIMEOUT` s."""
         # Stacked here, in the learner's prefetch thread, not in the replay service: for Atari
         # fragments service-side stacking cost 4.4x the raw transfer, learner-side 1.0x
         # (benchmarks/replay.py), and the service's lock is held for less time.
+        calls: dict[Any, int] = {}  # sample call in flight -> its shard's index
+        last_batch = time.monotonic()
         while not self._stop.is_set():
-            ref = self._replay.sample_fragments.remote(
-                self._batch_size, self.learner.version, timeout=SAMPLE_WAIT_S
-            )
-            fragments = wait_patiently(ref, "replay sample", self._stop)
-            if fragments is not None:
-                yield Batch.stack(fragments)
+            for k in set(range(len(self._shards))) - set(calls.values()):
+                call = self._shards[k].sample_fragments.remote(
+                    self._batch_size, self.learner.version, timeout=SAMPLE_WAIT_S
+                )
+                calls[call] = k
+            ready, _ = ray.wait(list(calls), num_returns=1, timeout=STOP_CHECK_S)
+            for call in ready:
+                del calls[call]
+                fragments = ray.get(call)
+                if fragments is not None:
+                    last_batch = time.monotonic()
+                    yield Batch.stack(fragments)
+            if time.monotonic() - last_batch > CALL_TIMEOUT:
+                log.warning("no batch from the replay for %.0f s; still asking", CALL_TIMEOUT)
+                last_batch = time.monotonic()
 
     def _loop(self) -> None:
         try:
