@@ -9,7 +9,9 @@ builds the `ActorCritic`:
   by 1/255 inside the network) the IMPALA paper's shallow CNN or its deep ResNet CNN
   (Espeholt et al. 2018, fig. 3);
 - heads: categorical logits for `Discrete` actions, a diagonal Gaussian with a learned,
-  state-independent, clamped log standard deviation for `Box` actions; a scalar value head.
+  state-independent, clamped log standard deviation for `Box` actions; a scalar value head;
+  with `q_head` (the `stgs` estimator's critic, `Discrete` actions only) an action-value head
+  `Q(s, .)` on the critic's features beside the value head.
 
 Weights cross process boundaries as `dict[str, np.ndarray]` (`state_dict_to_numpy`,
 `load_numpy_state_dict`), so actors need neither CUDA nor pickled torch tensors.
@@ -57,6 +59,9 @@ class PolicySpec:
     #: None: separate actor and critic torsos for the MLP (better on small control tasks, as in
     #: CleanRL's PPO), one shared torso for the CNNs (the expensive part is computed once).
     shared_torso: bool | None = None
+    #: An action-value head `Q(s, .)`, one output per discrete action, on the critic's features;
+    #: only the learner's `stgs` estimator needs it (actors never evaluate it).
+    q_head: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "obs_shape", tuple(int(d) for d in self.obs_shape))
@@ -83,6 +88,11 @@ class PolicySpec:
             raise ValueError("hidden_sizes must list at least one layer for the mlp network")
         if any(h < 1 for h in self.hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive, got {self.hidden_sizes}")
+        if self.q_head and self.action_kind != "discrete":
+            raise ValueError(
+                "q_head needs discrete actions (Q(s, .) has one output per action), got "
+                f"action_kind {self.action_kind!r}"
+            )
         for name in ("action_low", "action_high"):
             value = getattr(self, name)
             if value is not None and len(value) != self.action_dim:
@@ -130,6 +140,8 @@ class Evaluation(NamedTuple):
     logp: torch.Tensor  # [T, B] log pi(actions | obs[:T])
     entropy: torch.Tensor  # [T, B] entropy of pi(. | obs[:T])
     values: torch.Tensor  # [T+1, B] V(obs); row T is the bootstrap value
+    policy_out: torch.Tensor  # [T, B, action_dim] logits (discrete) or Gaussian mean
+    q_values: torch.Tensor | None = None  # [T, B, action_dim] Q(obs[:T], .), with a q_head
 
 
 def _layer(layer: nn.Module, gain: float) -> nn.Module:
@@ -211,6 +223,7 @@ class ActorCritic(nn.Module):
         out = spec.action_dim
         self.policy_head = _layer(nn.Linear(features, out), 0.01)
         self.value_head = _layer(nn.Linear(features, 1), 1.0)
+        self.q_head = _layer(nn.Linear(features, out), 1.0) if spec.q_head else None
         if spec.action_kind == "continuous":
             self.log_std = nn.Parameter(torch.zeros(out))
         else:
@@ -237,12 +250,17 @@ class ActorCritic(nn.Module):
             return x.permute(0, 3, 1, 2) if self._channels_last else x
         return x.reshape(x.shape[0], self._obs_numel)
 
+    def _features(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`obs [N, *obs_shape]` -> the actor's and the critic's features (the same tensor
+        when the torso is shared)."""
+        x = self._prepare(obs)
+        hidden = self.torso(x)
+        return hidden, hidden if self.value_torso is None else self.value_torso(x)
+
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`obs [N, *obs_shape]` -> `(policy_out [N, action_dim], values [N])`; `policy_out`
         is the categorical logits or the Gaussian mean."""
-        x = self._prepare(obs)
-        hidden = self.torso(x)
-        value_hidden = hidden if self.value_torso is None else self.value_torso(x)
+        hidden, value_hidden = self._features(obs)
         return self.policy_head(hidden), self.value_head(value_hidden).squeeze(-1)
 
     def distribution(self, policy_out: torch.Tensor) -> Categorical | Normal:
@@ -296,11 +314,12 @@ class ActorCritic(nn.Module):
         return ActOutput(actions_np, logp.cpu().numpy().astype(np.float32, copy=False))
 
     def evaluate(self, obs: torch.Tensor, actions: torch.Tensor) -> Evaluation:
-        """Log-probs, entropies and values of a time-major batch, with gradients.
+        """Log-probs, entropies, values, policy outputs and (with a q_head) action values of a
+        time-major batch, with gradients.
 
         `obs [T+1, B, *obs_shape]`, `actions [T, B]` (int) or `[T, B, action_dim]` (float).
-        All T+1 rows go through the network in one forward pass; the policy output of row T
-        (the bootstrap observation) is dropped.
+        All T+1 rows go through the network in one forward pass; the policy output and action
+        values of row T (the bootstrap observation) are dropped.
         """
         t1, b = obs.shape[:2]
         t = actions.shape[0]
@@ -309,11 +328,15 @@ class ActorCritic(nn.Module):
                 f"evaluate needs obs [T+1, B, ...] and actions [T, B, ...], got obs "
                 f"{tuple(obs.shape)} and actions {tuple(actions.shape)}"
             )
-        policy_out, values = self(obs.reshape(t1 * b, *obs.shape[2:]))
-        policy_out = policy_out.reshape(t1, b, -1)[:t]
+        hidden, value_hidden = self._features(obs.reshape(t1 * b, *obs.shape[2:]))
+        policy_out = self.policy_head(hidden).reshape(t1, b, -1)[:t]
+        values = self.value_head(value_hidden).reshape(t1, b)
+        q_values = None
+        if self.q_head is not None:
+            q_values = self.q_head(value_hidden.reshape(t1, b, -1)[:t])
         dist = self.distribution(policy_out)
         logp, entropy = self._logp_entropy(dist, actions.to(policy_out.device))
-        return Evaluation(logp, entropy, values.reshape(t1, b))
+        return Evaluation(logp, entropy, values, policy_out, q_values)
 
 
 def make_policy(spec: PolicySpec) -> ActorCritic:

@@ -3,12 +3,15 @@ network's Q head and the learner's `estimator = "stgs"`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from learner.estimators import straight_through_gumbel
+from learner.policy import PolicySpec, make_policy
 
 torch.set_num_threads(1)
 
@@ -152,3 +155,51 @@ def test_tau_is_keyword_only():
 def test_bad_logits_and_noise_are_refused(logits, noise, message):
     with pytest.raises(ValueError, match=message):
         straight_through_gumbel(logits, tau=1.0, noise=noise)
+
+
+# -- the network's Q head -----------------------------------------------------------------------
+
+SPEC = PolicySpec((4,), "float32", "discrete", 3)
+Q_SPEC = dataclasses.replace(SPEC, q_head=True)
+
+
+def test_q_head_is_built_only_when_the_spec_asks_for_it():
+    assert SPEC.q_head is False
+    plain = make_policy(SPEC)
+    assert plain.q_head is None
+    assert not any(key.startswith("q_head") for key in plain.state_dict())
+    obs, actions = torch.randn(6, 2, 4), torch.randint(0, 3, (5, 2))
+    assert plain.evaluate(obs, actions).q_values is None
+
+    model = make_policy(Q_SPEC)
+    assert tuple(model.state_dict()["q_head.weight"].shape) == (3, 64)
+    ev = model.evaluate(obs, actions)
+    assert ev.q_values.shape == (5, 2, 3) and ev.policy_out.shape == (5, 2, 3)
+    # Q(s, .) reads the critic's features (the MLP's own value torso), row by row.
+    expected = model.q_head(model.value_torso(obs[:5].reshape(10, 4))).reshape(5, 2, 3)
+    torch.testing.assert_close(ev.q_values, expected)
+
+
+def test_q_head_spec_round_trips_and_refuses_continuous_actions():
+    assert PolicySpec.from_dict(Q_SPEC.to_dict()) == Q_SPEC
+    old = SPEC.to_dict()
+    del old["q_head"]  # a spec saved before the field existed
+    assert PolicySpec.from_dict(old) == SPEC
+    with pytest.raises(ValueError, match="q_head needs discrete actions"):
+        PolicySpec((3,), "float32", "continuous", 1, q_head=True)
+
+
+def test_actors_act_the_same_with_or_without_a_q_head():
+    """The Q head is built after the actor's layers, so one seed gives both networks the same
+    actor, and `act` never runs the Q head."""
+    torch.manual_seed(0)
+    plain = make_policy(SPEC)
+    torch.manual_seed(0)
+    model = make_policy(Q_SPEC)
+    obs = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    torch.manual_seed(1)
+    first = plain.act(obs)
+    torch.manual_seed(1)
+    second = model.act(obs)
+    np.testing.assert_array_equal(first.actions, second.actions)
+    np.testing.assert_array_equal(first.logp, second.logp)
