@@ -102,9 +102,18 @@ class Job:
             raise ConfigError("run.name", f"{self.run_dir} exists: add --resume or pick a new name")
         obs_space, action_space = probe_spaces(config.env)
         network = None if config.policy.network == "auto" else config.policy.network
-        self.spec = policy_spec(
+        spec = policy_spec(
             obs_space, action_space, network=network, hidden_sizes=config.policy.hidden_sizes
         )
+        if config.learner.needs_q_head:
+            if spec.action_kind != "discrete":
+                raise ConfigError(
+                    "learner.estimator",
+                    f"{config.learner.estimator} needs discrete actions (its critic Q(s, .) has "
+                    f"one output per action); {config.env.id} has continuous ones",
+                )
+            spec = dataclasses.replace(spec, q_head=True)
+        self.spec = spec
         self.topology: topology.Topology | None = None
         self.replay: ReplayShards | None = None
         self.fleet: Fleet | None = None

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from learner import checkpoint
-from learner.loss import SURROGATES, importance_stats, loss_terms
+from learner.loss import Q_ESTIMATORS, SURROGATES, importance_stats, loss_terms
 from learner.metrics import StepMetrics, subsample
 from learner.policy import ActorCritic, PolicySpec, make_policy, state_dict_to_numpy
 from learner.prefetch import Prefetcher, TensorBatch, to_tensors
@@ -59,8 +59,15 @@ class LearnerConfig:
     )
     estimator: str = setting(
         "vtrace",
-        "policy-gradient weights: V-trace or a pg_weights estimator",
+        "policy gradient: V-trace, a pg_weights estimator, or stgs (the straight-through "
+        "Gumbel-softmax gradient through a learned Q(s, .); discrete actions only)",
         choices=tuple(SURROGATES),
+    )
+    stgs_temperature: float = setting(
+        1.0,
+        "stgs: the temperature tau of the relaxed sample whose gradient stands in for the "
+        "one-hot action's (lower: closer to the sampled action, sparser gradients)",
+        gt=0,
     )
     rho_clip: float | None = setting(
         1.0,
@@ -122,12 +129,23 @@ class LearnerConfig:
                 "must be >= 1 when lr_schedule is linear (it is the number of learner steps "
                 "over which lr decays to 0)",
             )
+        if self.estimator == "stgs" and self.normalize_advantages:
+            raise FieldError(
+                "normalize_advantages",
+                "stgs has no policy-gradient weights to standardise; set "
+                "normalize_advantages = false",
+            )
         if self.policy_clip is not None and self.estimator != "vtrace":
             raise FieldError(
                 "policy_clip",
                 "the clipped surrogate is defined on V-trace advantages; set estimator = vtrace "
                 f"or policy_clip = none (estimator is {self.estimator!r})",
             )
+
+    @property
+    def needs_q_head(self) -> bool:
+        """Whether the estimator reads the network's action-value head (`PolicySpec.q_head`)."""
+        return self.estimator in Q_ESTIMATORS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,6 +172,11 @@ class Learner:
         checkpoint_dir: str | None = None,
         publish: Callable[[int, dict[str, np.ndarray]], None] | None = None,
     ):
+        if config.needs_q_head and not spec.q_head:
+            raise ValueError(
+                f"estimator {config.estimator!r} trains an action-value head: build the network "
+                "with PolicySpec(..., q_head=True) (discrete actions only)"
+            )
         self.spec = spec
         self.config = config
         if config.torch_threads:
@@ -372,7 +395,7 @@ class Learner:
         """
         for path, state in checkpoint.readable_checkpoints(self.checkpoint_dir, self.device):
             differences = checkpoint.network_differences(
-                self.spec.to_dict(), self.model.state_dict(), state
+                self.spec.to_dict(), self.model.state_dict(), _spec_with_defaults(state)
             )
             if differences:
                 raise ValueError(
@@ -385,3 +408,14 @@ class Learner:
             self._consecutive_nan = 0
             return self.version
         return None
+
+
+def _spec_with_defaults(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with its saved spec completed by the defaults of fields added since it was
+    written (`q_head`), so a checkpoint of the same network compares equal; a spec this version
+    cannot read is left as it is, to be reported field by field."""
+    try:
+        spec = PolicySpec.from_dict(state.get("spec", {})).to_dict()
+    except (TypeError, ValueError):
+        return state
+    return {**state, "spec": spec}

@@ -15,7 +15,18 @@ baseline. With `policy_clip = e` (APPO's trust region) it is instead the clipped
 `A = r_t + discounts_t vs_{t+1} - V(s_t)`: at `r = 1` its gradient is V-trace's, and a sample
 whose ratio already left the region in the advantage's direction adds nothing. With
 `normalize_advantages` the weights (`w` or `A`) are standardised over the batch's real steps
-first. Normalising by the number of real steps `n` (instead of the estimators' documented
+first.
+
+With `estimator = "stgs"` (straight-through Gumbel-softmax; discrete actions and a network with
+`PolicySpec.q_head`) the surrogate is the pathwise `Q(s_t, a_st)`, `a_st =
+straight_through_gumbel(logits_t, tau=stgs_temperature)` a fresh sample per step (one-hot
+forward, the relaxed sample's gradient backward) and `Q(s, .)` detached, so the policy term's
+gradient reaches only the policy's logits and the layers below them. `Q` is trained off-policy
+like `V`, towards `r_t + discounts_t vs_{t+1}` with the V-trace targets, and `value` above
+becomes the critic's loss `0.5 * ((vs - V(s_t))**2 + (r_t + discounts_t vs_{t+1} -
+Q(s_t, a_t))**2)` over real steps.
+
+Normalising by the number of real steps `n` (instead of the estimators' documented
 `(1/B) sum_t`, i.e. by B) keeps the step size independent of the unroll length T and of how
 many autoreset steps a batch happens to hold; it is the estimators' estimate divided by the
 mean number of real steps per column.
@@ -35,7 +46,13 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from learner.estimators import ESTIMATORS, VTraceReturns, pg_weights, vtrace
+from learner.estimators import (
+    ESTIMATORS,
+    VTraceReturns,
+    pg_weights,
+    straight_through_gumbel,
+    vtrace,
+)
 from learner.policy import Evaluation
 from learner.prefetch import TensorBatch
 
@@ -173,11 +190,24 @@ def _pg_weights_surrogate(
     return normalised(weights, inp.mask, config) * ev.logp
 
 
+def stgs_surrogate(
+    ev: Evaluation, inp: LossInputs, vt: VTraceReturns, config: LearnerConfig
+) -> torch.Tensor:
+    """`Q(s_t, a_st)` per step, `a_st` a straight-through Gumbel-softmax sample of `pi(. | s_t)`
+    at `stgs_temperature`. `Q(s, .)` is detached: the gradient of this term reaches the
+    policy's logits (and the layers below them) only, never Q's head or the critic's torso."""
+    sample = straight_through_gumbel(torch.nan_to_num(ev.policy_out), tau=config.stgs_temperature)
+    return (ev.q_values.detach() * sample).sum(-1)
+
+
 #: The valid values of `LearnerConfig.estimator`, each with its surrogate.
 SURROGATES: dict[str, Surrogate] = {
     "vtrace": vtrace_surrogate,
     **{name: functools.partial(_pg_weights_surrogate, name) for name in ESTIMATORS},
+    "stgs": stgs_surrogate,
 }
+#: Estimators whose surrogate reads the network's action-value head (`PolicySpec.q_head`).
+Q_ESTIMATORS = frozenset({"stgs"})
 
 
 def surrogate_for(config: LearnerConfig) -> Surrogate:
@@ -189,6 +219,18 @@ def surrogate_for(config: LearnerConfig) -> Surrogate:
 
 
 # -- the loss ------------------------------------------------------------------------------------
+
+
+def q_regression(
+    ev: Evaluation, actions: torch.Tensor, inp: LossInputs, vt: VTraceReturns
+) -> torch.Tensor:
+    """`0.5 * (r_t + discounts_t vs_{t+1} - Q(s_t, a_t))**2` summed over real steps (the caller
+    divides by their number), `vs_T = bootstrap_value`: the action-value head regressed
+    off-policy towards the V-trace targets. Autoreset steps (discount 1, reward 0) are masked."""
+    vs_next = torch.cat([vt.vs[1:], inp.bootstrap_value[None]])
+    target = inp.rewards + inp.discounts * vs_next
+    q_taken = ev.q_values.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    return 0.5 * ((target - q_taken) ** 2 * inp.mask).sum()
 
 
 def loss_terms(
@@ -226,6 +268,8 @@ def loss_terms(
     n = mask.sum().clamp(min=1.0)
     policy = -(surrogate * mask).sum() / n
     value = 0.5 * ((vt.vs - ev.values[:-1]) ** 2 * mask).sum() / n
+    if ev.q_values is not None:
+        value = value + q_regression(ev, batch.actions, inp, vt) / n
     entropy = (ev.entropy * mask).sum() / n
     total = policy + config.value_coef * value - config.entropy_coef * entropy
     return LossTerms(policy, value, entropy, total), inp
