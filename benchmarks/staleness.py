@@ -17,12 +17,15 @@ checked against it. Deterministic for a seed (one torch thread).
 
 Estimators (`learner.estimators`): `vtrace`; `vtrace_clip`, V-trace with the learner's
 `policy_clip = 0.2` (APPO's clipped surrogate against the behaviour policy); `first_order_is`,
-`reduced_is`, `per_decision_is` from `pg_weights`; and `reward_to_go`, which ignores the ratios
-(no correction). Every one uses the learner's defaults otherwise, in particular `rho_clip = 1`:
-V-trace's rho-bar, and for the `pg_weights` estimators the truncation of every per-step ratio
-at 1 (so `first_order_is` is the truncated first-order form, and the product estimators
-multiply truncated ratios). The value function is always trained on the V-trace targets, so
-the estimators differ only in the weights of the policy gradient.
+`reduced_is`, `per_decision_is` from `pg_weights`; `reward_to_go`, which ignores the ratios
+(no correction); and `stgs`, the pathwise straight-through Gumbel-softmax gradient through a
+learned action-value head Q(s, .) (no ratios in its policy term; Q's targets are the V-trace
+ones, so the lag is corrected there). Every one uses the learner's defaults otherwise, in
+particular `rho_clip = 1`: V-trace's rho-bar, and for the `pg_weights` estimators the
+truncation of every per-step ratio at 1 (so `first_order_is` is the truncated first-order form,
+and the product estimators multiply truncated ratios). The value function is always trained on
+the V-trace targets, so the estimators other than `stgs` differ only in the weights of the
+policy gradient.
 
 Writes `benchmarks/results/staleness_<env>.png` (mean return of the last 100 episodes against
 env steps, one panel per lag, line = mean over seeds, band = min..max) and
@@ -56,6 +59,7 @@ ESTIMATORS = (
     "reduced_is",
     "per_decision_is",
     "reward_to_go",
+    "stgs",
 )
 # Estimator names that are V-trace plus other learner settings.
 VARIANTS = {"vtrace_clip": {"estimator": "vtrace", "policy_clip": 0.2}}
@@ -79,6 +83,7 @@ LABELS = {
     "reduced_is": "reduced IS",
     "per_decision_is": "per-decision IS",
     "reward_to_go": "no correction (reward-to-go)",
+    "stgs": "STGS (straight-through Gumbel-softmax through Q)",
 }
 
 

@@ -33,7 +33,7 @@ import torch
 
 from actors.envs import policy_spec, probe_spaces
 from actors.rollout import MemorySink, RolloutActor
-from deploy.config import JobConfig
+from deploy.config import ConfigError, JobConfig
 from learner.broadcast import WeightStore
 from learner.learner import Learner, StepMetrics
 from learner.policy import PolicySpec
@@ -90,11 +90,25 @@ class RunResult:
 
 
 def job_policy_spec(config: JobConfig) -> PolicySpec:
-    """The network a job with `config` trains: its shape from the env's spaces."""
+    """The network a job with `config` trains: its shape from the env's spaces, with the
+    action-value head when the learner's estimator needs one (`stgs`).
+
+    Raises `ConfigError` on `learner.estimator` for an estimator that needs a Q head on an env
+    with continuous actions. A Ray job (`deploy.job.Job`) builds its network here too.
+    """
     network = None if config.policy.network == "auto" else config.policy.network
-    return policy_spec(
+    spec = policy_spec(
         *probe_spaces(config.env), network=network, hidden_sizes=config.policy.hidden_sizes
     )
+    if not config.learner.needs_q_head:
+        return spec
+    if spec.action_kind != "discrete":
+        raise ConfigError(
+            "learner.estimator",
+            f"{config.learner.estimator} needs discrete actions (its critic Q(s, .) has one "
+            f"output per action); {config.env.id} has continuous ones",
+        )
+    return dataclasses.replace(spec, q_head=True)
 
 
 def job_fragment_spec(config: JobConfig, spec: PolicySpec) -> FragmentSpec:

@@ -24,11 +24,11 @@ from typing import Any
 
 import ray
 
-from actors.envs import policy_spec, probe_spaces
 from deploy import report, topology
 from deploy.config import ConfigError, JobConfig, RunConfig
 from deploy.controller import Orders
 from deploy.fleet import Fleet
+from deploy.inprocess import job_policy_spec
 from deploy.replay_shards import ReplayShards, stray_snapshots
 from deploy.report import Reporter, RunSummary, Stop
 from learner import checkpoint
@@ -100,20 +100,7 @@ class Job:
             )
         if not config.run.resume and self.run_dir.exists():
             raise ConfigError("run.name", f"{self.run_dir} exists: add --resume or pick a new name")
-        obs_space, action_space = probe_spaces(config.env)
-        network = None if config.policy.network == "auto" else config.policy.network
-        spec = policy_spec(
-            obs_space, action_space, network=network, hidden_sizes=config.policy.hidden_sizes
-        )
-        if config.learner.needs_q_head:
-            if spec.action_kind != "discrete":
-                raise ConfigError(
-                    "learner.estimator",
-                    f"{config.learner.estimator} needs discrete actions (its critic Q(s, .) has "
-                    f"one output per action); {config.env.id} has continuous ones",
-                )
-            spec = dataclasses.replace(spec, q_head=True)
-        self.spec = spec
+        self.spec = job_policy_spec(config)
         self.topology: topology.Topology | None = None
         self.replay: ReplayShards | None = None
         self.fleet: Fleet | None = None
