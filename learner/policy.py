@@ -11,7 +11,8 @@ builds the `ActorCritic`:
 - heads: categorical logits for `Discrete` actions, a diagonal Gaussian with a learned,
   state-independent, clamped log standard deviation for `Box` actions; a scalar value head;
   with `q_head` (the `stgs` estimator's critic, `Discrete` actions only) an action-value head
-  `Q(s, .)` on the critic's features beside the value head.
+  `Q(s, .)` on the critic's features, in the dueling form `Q(s, a) = V(s) + A(s, a) -
+  mean_a' A(s, a')` (Wang et al. 2016) with the advantage layer initialised near 0.
 
 Weights cross process boundaries as `dict[str, np.ndarray]` (`state_dict_to_numpy`,
 `load_numpy_state_dict`), so actors need neither CUDA nor pickled torch tensors.
@@ -223,7 +224,9 @@ class ActorCritic(nn.Module):
         out = spec.action_dim
         self.policy_head = _layer(nn.Linear(features, out), 0.01)
         self.value_head = _layer(nn.Linear(features, 1), 1.0)
-        self.q_head = _layer(nn.Linear(features, out), 1.0) if spec.q_head else None
+        # The advantage part of the dueling Q head. Its near-zero start makes Q = V at first, so
+        # the policy is not pushed by the random action preferences of an untrained layer.
+        self.q_head = _layer(nn.Linear(features, out), 0.01) if spec.q_head else None
         if spec.action_kind == "continuous":
             self.log_std = nn.Parameter(torch.zeros(out))
         else:
@@ -333,7 +336,10 @@ class ActorCritic(nn.Module):
         values = self.value_head(value_hidden).reshape(t1, b)
         q_values = None
         if self.q_head is not None:
-            q_values = self.q_head(value_hidden.reshape(t1, b, -1)[:t])
+            # Dueling: only the advantages depend on the action, and V is shared with the value
+            # head, so Q's regression starts from (and keeps improving) the learned values.
+            advantages = self.q_head(value_hidden.reshape(t1, b, -1)[:t])
+            q_values = values[:t, :, None] + advantages - advantages.mean(-1, keepdim=True)
         dist = self.distribution(policy_out)
         logp, entropy = self._logp_entropy(dist, actions.to(policy_out.device))
         return Evaluation(logp, entropy, values, policy_out, q_values)
