@@ -153,8 +153,9 @@ class Job:
         if replay_stats["restored_fragments"] or replay_stats["restore_errors"]:
             errors = "; ".join(replay_stats["restore_errors"])
             print(
-                f"offpg: replay restored {replay_stats['restored_fragments']} fragments from "
-                f"{', '.join(self.replay.snapshot_paths())}" + (f" ({errors})" if errors else ""),
+                f"offpg: replay service restored {replay_stats['restored_fragments']} fragments "
+                f"from {', '.join(self.replay.snapshot_paths())}"
+                + (f" ({errors})" if errors else ""),
                 flush=True,
             )
         self.fleet.scale(cfg.run.num_actors)
