@@ -46,6 +46,10 @@ class ReplayShards:
         The merged dict adds `restored_fragments` (summed), `restore_errors` and `incarnations`
         (per shard)."""
         stats = ray.get([shard.stats.remote() for shard in self.shards], timeout=CALL_TIMEOUT)
+        return self.account(stats, acknowledged)
+
+    def account(self, stats: list[dict[str, Any]], acknowledged: list[int]) -> dict[str, Any]:
+        """`poll` on stats already fetched (one dict per shard, in shard order)."""
         for k, shard_stats in enumerate(stats):
             self._check(k, shard_stats, acknowledged[k])
         merged = merge_stats(stats)

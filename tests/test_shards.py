@@ -1,9 +1,14 @@
-"""replay/shards.py: how a job's replay splits into shards, and how their stats add up."""
+"""replay/shards.py: how a job's replay splits into shards and how their stats add up; the
+driver's per-shard restart accounting and snapshot files (deploy/replay_shards.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from deploy.job import Faults
+from deploy.replay_shards import ReplayShards, stray_snapshots
 from replay.service import ReplayConfig, ReplayService
 from replay.shards import merge_stats, shard_configs, snapshot_path
 
@@ -64,3 +69,45 @@ def test_merged_stats_add_up_the_shards(make_fragment):
     assert merged["lag"]["histogram"] == {"3-4": 2, "1": 1}
     assert merged["times_sampled"] == {"0": 2, "1": 3}
     assert [s["inserted"] for s in merged["shards"]] == [3, 2]
+
+
+def _shard_stats(incarnation: str, inserted: int, restored: int = 0) -> dict:
+    stats = ReplayService(ReplayConfig()).stats()
+    stats.update(
+        inserted=inserted,
+        incarnation=incarnation,
+        restored_fragments=restored,
+        restore_error=None,
+    )
+    return stats
+
+
+def test_a_restarted_shard_is_counted_with_what_it_lost(tmp_path, capsys):
+    faults = Faults()
+    shards = ReplayShards([None, None], tmp_path / "replay.snapshot", faults)
+    # Poll 1: both shards up; shard 1 has 2 acknowledged inserts in flight.
+    shards.account([_shard_stats("a", 10), _shard_stats("b", 8)], acknowledged=[10, 10])
+    # Poll 2: shard 1 restarted from a snapshot of 5 inserts; its actors had 14 acknowledged.
+    merged = shards.account(
+        [_shard_stats("a", 12), _shard_stats("c", 5, restored=5)], acknowledged=[12, 14]
+    )
+    # Its offset went from 10 - 8 = 2 to 14 - 5 = 9: 7 acknowledged fragments are gone.
+    assert (faults.replay_restarts, faults.lost_fragments) == (1, 7)
+    assert "replay shard 1 restarted (1)" in capsys.readouterr().err
+    assert merged["inserted"] == 17 and merged["incarnations"] == ["a", "c"]
+    assert merged["restored_fragments"] == 5
+    assert [Path(p).name for p in shards.snapshot_paths()] == [
+        "replay-0.snapshot",
+        "replay-1.snapshot",
+    ]
+
+
+def test_stray_snapshots_of_another_shard_count(tmp_path):
+    base = tmp_path / "replay.snapshot"
+    for name in ("replay-0.snapshot", "replay-1.snapshot", "replay-x.snapshot", "other.snapshot"):
+        (tmp_path / name).write_bytes(b"")
+    assert stray_snapshots(base, 2) == []
+    assert [p.name for p in stray_snapshots(base, 1)] == ["replay-0.snapshot", "replay-1.snapshot"]
+    assert [p.name for p in stray_snapshots(base, 3)] == []  # shard 2's file is just missing
+    base.write_bytes(b"")
+    assert [p.name for p in stray_snapshots(base, 2)] == ["replay.snapshot"]
