@@ -32,11 +32,12 @@ solvable MDP in `tests/test_estimators_statistical.py`.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
+
+from learner.columns import FLOAT_DTYPES, Segments, check_clip, check_tensors, check_values, scan
 
 __all__ = [
     "ESTIMATORS",
@@ -61,7 +62,6 @@ ESTIMATORS: tuple[str, ...] = (
 _OFF_POLICY = frozenset({"trajectory_is", "per_decision_is", "reduced_is", "first_order_is"})
 #: Estimators whose return is the whole segment's return `R` rather than the reward-to-go `Q`.
 _SEGMENT_RETURN = frozenset({"reinforce", "trajectory_is"})
-_DTYPES = (torch.float32, torch.float64)
 
 
 class VTraceReturns(NamedTuple):
@@ -81,166 +81,6 @@ class VTraceReturns(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # Validation. Shapes, dtypes and devices are checked on the host for free; all value checks of
 # one call (NaN/inf, ranges) are reduced on the device and read back with a single sync.
-
-
-def _check_tensors(
-    steps: dict[str, torch.Tensor | None], columns: dict[str, torch.Tensor]
-) -> tuple[int, int]:
-    """Check that `steps` are `[T, B]`, `columns` are `[B]`, all one float dtype and device.
-
-    Entries of `steps` that are None are skipped. Returns `(T, B)`.
-    """
-    present = {name: x for name, x in steps.items() if x is not None}
-    ref_name, ref = next(iter(present.items()))
-    for name, x in {**present, **columns}.items():
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _DTYPES:
-            raise ValueError(f"{name} must be float32 or float64, got {x.dtype}")
-        if x.dtype != ref.dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}")
-        if x.device != ref.device:
-            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
-    for name, x in present.items():
-        if x.dim() != 2:
-            raise ValueError(f"{name} must have rank 2, [T, B], got shape {tuple(x.shape)}")
-        if x.shape != ref.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(x.shape)} but {ref_name} has shape "
-                f"{tuple(ref.shape)}; all [T, B] inputs must match"
-            )
-    T, B = ref.shape
-    if T == 0 or B == 0:
-        raise ValueError(f"{ref_name} is empty, shape {tuple(ref.shape)}; need T >= 1, B >= 1")
-    for name, x in columns.items():
-        if x.shape != (B,):
-            raise ValueError(f"{name} must have shape [B] = ({B},), got {tuple(x.shape)}")
-    return T, B
-
-
-def _check_values(
-    tensors: dict[str, torch.Tensor | None], discounts: torch.Tensor | None = None
-) -> None:
-    """Raise if any tensor holds NaN/inf, or if `discounts` (when given) leave [0, 1].
-
-    `x * 0` is 0 where x is finite and NaN where it is NaN or +-inf, and a sum of zeros is
-    exactly 0, so one cheap reduction per input finds any non-finite value (on CPU it is ~10x
-    faster than `isfinite(x).all()`). All reductions are read back with a single host sync.
-    """
-    names = [name for name, x in tensors.items() if x is not None]
-    stats = [tensors[name].mul(0).sum() for name in names]
-    if discounts is not None:
-        stats.extend(discounts.aminmax())
-    found = torch.stack(stats).tolist()
-    for name, value in zip(names, found, strict=False):
-        if value != 0:
-            raise ValueError(f"{name} contains NaN or inf")
-    if discounts is not None and not (found[-2] >= 0 and found[-1] <= 1):
-        raise ValueError(f"discounts must lie in [0, 1], found [{found[-2]}, {found[-1]}]")
-
-
-def _check_clip(name: str, value: float | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number or None, got {value!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Kernels: unchecked, used once the inputs are known to be good.
-
-
-#: From this many steps on, CUDA solves recurrences with the log-depth scan: a loop over T costs
-#: T kernel launches, the log-depth scan ~4 * log2(T).
-_LOG_DEPTH_MIN_T = 16
-
-
-def _scan(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, *, reverse: bool) -> torch.Tensor:
-    """Solve the linear recurrence `a_t = x_t + y_t * a_{t-1}` (or `a_{t+1}` when `reverse`).
-
-    `x, y` are `[T, B]`, `init [B]` is `a_{-1}` (or `a_T`); returns `a [T, B]`. On CPU a loop
-    over T (`_scan_loop`), on CUDA a log-depth scan (`_scan_log_depth`) once T is long enough
-    for kernel launches to dominate.
-    """
-    if x.is_cuda and x.shape[0] >= _LOG_DEPTH_MIN_T:
-        return _scan_log_depth(x, y, init, reverse=reverse)
-    return _scan_loop(x, y, init, reverse=reverse)
-
-
-def _scan_loop(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, *, reverse: bool):
-    """`_scan` as a loop over T, each step one fused multiply-add over B written straight into
-    the output. It performs the recurrence itself, and at T ~ 100 it beats the log-depth scan on
-    CPU (that one makes ~log2(T) passes over all T * B elements)."""
-    out = torch.empty_like(x)
-    # unbind: all row views in one call, cheaper than indexing x[t] three times per step.
-    rows = list(zip(x.unbind(0), y.unbind(0), out.unbind(0), strict=True))
-    acc = init
-    for x_t, y_t, out_t in reversed(rows) if reverse else rows:
-        acc = torch.addcmul(x_t, y_t, acc, out=out_t)
-    return out
-
-
-def _scan_log_depth(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, *, reverse: bool):
-    """`_scan` in ceil(log2(T)) vectorised steps (Hillis-Steele).
-
-    After the step with offset k, `x_t` holds the recurrence's sum over the 2k steps ending at t
-    (or all of them, from `init`, when fewer) and `y_t` the product of their `y`: combining a
-    window with the one before it is `x_t += y_t * x_{t-k}`, `y_t *= y_{t-k}`.
-    """
-    if reverse:
-        x, y = x.flip(0), y.flip(0)
-    x = torch.cat([torch.addcmul(x[:1], y[:1], init), x[1:]])
-    k = 1
-    while k < x.shape[0]:
-        x = torch.cat([x[:k], torch.addcmul(x[k:], y[k:], x[:-k])])
-        if 2 * k < x.shape[0]:  # the last step's window products are never used
-            y = torch.cat([y[:k], y[k:] * y[:-k]])
-        k *= 2
-    return x.flip(0) if reverse else x
-
-
-class _Segments:
-    """Episode-segment indicators of a `[T, B]` batch, as 0/1 floats of the batch's dtype.
-
-    `continues` is 1 where the segment carries on to step t + 1, `carried` 1 where it carries
-    on from step t - 1; `ends = 1 - continues` and `starts = 1 - carried`. Each is computed on
-    first use, since most estimators need only some of them.
-    """
-
-    def __init__(self, discounts: torch.Tensor):
-        self._discounts = discounts
-
-    @functools.cached_property
-    def continues(self) -> torch.Tensor:
-        continues = self._discounts.sign()  # discounts are in [0, 1]: 1 unless the episode ends
-        continues[-1] = 0
-        return continues
-
-    @functools.cached_property
-    def carried(self) -> torch.Tensor:
-        return torch.cat([torch.zeros_like(self.continues[:1]), self.continues[:-1]])
-
-    @functools.cached_property
-    def starts(self) -> torch.Tensor:
-        return 1 - self.carried
-
-    @functools.cached_property
-    def ends(self) -> torch.Tensor:
-        return 1 - self.continues
-
-    def fill_from_start(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` at the first step of each step's segment."""
-        return _scan(x * self.starts, self.carried, torch.zeros_like(x[0]), reverse=False)
-
-    def fill_from_end(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` at the last step of each step's segment."""
-        return _scan(x * self.ends, self.continues, torch.zeros_like(x[0]), reverse=True)
-
-    def running_product(self, x: torch.Tensor) -> torch.Tensor:
-        """`prod_{k = s}^{t} x_k`, s the first step of t's segment."""
-        return _scan(x * self.starts, x * self.carried, torch.zeros_like(x[0]), reverse=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,14 +107,55 @@ def discounted_returns(
       ValueError: on a shape, rank, dtype or device mismatch, on NaN/inf, or on discounts
         outside [0, 1]; the message names the argument.
     """
-    _check_tensors(
+    check_tensors(
         {"rewards": rewards, "discounts": discounts}, {"bootstrap_value": bootstrap_value}
     )
-    _check_values(
+    check_values(
         {"rewards": rewards, "discounts": discounts, "bootstrap_value": bootstrap_value},
         discounts,
     )
-    return _scan(rewards, discounts, bootstrap_value, reverse=True)
+    return scan(rewards, discounts, bootstrap_value, reverse=True)
+
+
+def _check_pg_args(
+    rewards,
+    discounts,
+    bootstrap_value,
+    target_logp,
+    behaviour_logp,
+    *,
+    estimator,
+    baseline,
+    rho_clip,
+) -> torch.Tensor | None:
+    """The argument checks of `pg_weights`; returns the baseline when it is a `[T, B]` tensor."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
+    if estimator in _OFF_POLICY:
+        for name, x in (("target_logp", target_logp), ("behaviour_logp", behaviour_logp)):
+            if x is None:
+                raise ValueError(f"{name} is required by estimator {estimator!r}")
+    check_clip("rho_clip", rho_clip)
+    if isinstance(baseline, str) and baseline != "mean":
+        raise ValueError(f"baseline must be None, 'mean' or a [T, B] tensor; got {baseline!r}")
+    state_baseline = baseline if isinstance(baseline, torch.Tensor) else None
+    if baseline is not None and state_baseline is None and not isinstance(baseline, str):
+        raise ValueError(
+            f"baseline must be None, 'mean' or a [T, B] tensor; got {type(baseline).__name__}"
+        )
+    steps = {
+        "rewards": rewards,
+        "discounts": discounts,
+        "baseline": state_baseline,
+        "target_logp": target_logp,
+        "behaviour_logp": behaviour_logp,
+    }
+    check_tensors(steps, {"bootstrap_value": bootstrap_value})
+    check_values(
+        {**steps, "bootstrap_value": bootstrap_value},
+        discounts,
+    )
+    return state_baseline
 
 
 @torch.no_grad()
@@ -341,36 +222,20 @@ def pg_weights(
         estimator needs, a bad baseline or clip, a shape, rank, dtype or device mismatch,
         NaN/inf in any input, or discounts outside [0, 1]; the message names the argument.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
-    off_policy = estimator in _OFF_POLICY
-    if off_policy:
-        for name, x in (("target_logp", target_logp), ("behaviour_logp", behaviour_logp)):
-            if x is None:
-                raise ValueError(f"{name} is required by estimator {estimator!r}")
-    _check_clip("rho_clip", rho_clip)
-    if isinstance(baseline, str) and baseline != "mean":
-        raise ValueError(f"baseline must be None, 'mean' or a [T, B] tensor; got {baseline!r}")
-    state_baseline = baseline if isinstance(baseline, torch.Tensor) else None
-    if baseline is not None and state_baseline is None and not isinstance(baseline, str):
-        raise ValueError(
-            f"baseline must be None, 'mean' or a [T, B] tensor; got {type(baseline).__name__}"
-        )
-    steps = {
-        "rewards": rewards,
-        "discounts": discounts,
-        "baseline": state_baseline,
-        "target_logp": target_logp,
-        "behaviour_logp": behaviour_logp,
-    }
-    _check_tensors(steps, {"bootstrap_value": bootstrap_value})
-    _check_values(
-        {**steps, "bootstrap_value": bootstrap_value},
+    state_baseline = _check_pg_args(
+        rewards,
         discounts,
+        bootstrap_value,
+        target_logp,
+        behaviour_logp,
+        estimator=estimator,
+        baseline=baseline,
+        rho_clip=rho_clip,
     )
+    off_policy = estimator in _OFF_POLICY
 
-    q = _scan(rewards, discounts, bootstrap_value, reverse=True)
-    segments = _Segments(discounts)
+    q = scan(rewards, discounts, bootstrap_value, reverse=True)
+    segments = Segments(discounts)
     ret = segments.fill_from_start(q) if estimator in _SEGMENT_RETURN else q
     if baseline is None:
         b = torch.zeros((), dtype=q.dtype, device=q.device)
@@ -395,7 +260,7 @@ def pg_weights(
         return prod * (ret - b)
     # per_decision_is: each reward carries the ratio product up to its own step, so the
     # reward-to-go of P * r (bootstrapped with the last segment's full product) is the sum.
-    weighted = _scan(prod * rewards, discounts, prod[-1] * bootstrap_value, reverse=True)
+    weighted = scan(prod * rewards, discounts, prod[-1] * bootstrap_value, reverse=True)
     return weighted - prod * b
 
 
@@ -451,7 +316,7 @@ def vtrace(
         or discounts outside [0, 1]; the message names the argument.
     """
     for name, clip in (("rho_clip", rho_clip), ("c_clip", c_clip), ("pg_rho_clip", pg_rho_clip)):
-        _check_clip(name, clip)
+        check_clip(name, clip)
     if not 0.0 <= lambda_ <= 1.0:
         raise ValueError(f"lambda_ must lie in [0, 1], got {lambda_!r}")
     steps = {
@@ -461,8 +326,8 @@ def vtrace(
         "values": values,
         "discounts": discounts,
     }
-    _check_tensors(steps, {"bootstrap_value": bootstrap_value})
-    _check_values(
+    check_tensors(steps, {"bootstrap_value": bootstrap_value})
+    check_values(
         {**steps, "bootstrap_value": bootstrap_value},
         discounts,
     )
@@ -476,7 +341,7 @@ def vtrace(
     rhos, cs, pg_rhos = clipped(rho_clip), lambda_ * clipped(c_clip), clipped(pg_rho_clip)
     values_next = torch.cat([values[1:], bootstrap_value.unsqueeze(0)])
     deltas = rhos * (rewards + discounts * values_next - values)
-    vs = values + _scan(deltas, discounts * cs, torch.zeros_like(bootstrap_value), reverse=True)
+    vs = values + scan(deltas, discounts * cs, torch.zeros_like(bootstrap_value), reverse=True)
     vs_next = torch.cat([vs[1:], bootstrap_value.unsqueeze(0)])
     pg_advantages = pg_rhos * (rewards + discounts * vs_next - values)
     return VTraceReturns(vs=vs, pg_advantages=pg_advantages)
@@ -504,7 +369,7 @@ def optimal_baseline(returns: torch.Tensor, grad_sq_norms: torch.Tensor) -> torc
     for name, x in (("returns", returns), ("grad_sq_norms", grad_sq_norms)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _DTYPES:
+        if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float32 or float64, got {x.dtype}")
         if x.dim() != 1 or x.numel() == 0:
             raise ValueError(f"{name} must be a non-empty [N] tensor, got {tuple(x.shape)}")
@@ -515,7 +380,7 @@ def optimal_baseline(returns: torch.Tensor, grad_sq_norms: torch.Tensor) -> torc
         )
     if grad_sq_norms.dtype != returns.dtype or grad_sq_norms.device != returns.device:
         raise ValueError("grad_sq_norms must have the dtype and device of returns")
-    _check_values({"returns": returns, "grad_sq_norms": grad_sq_norms})
+    check_values({"returns": returns, "grad_sq_norms": grad_sq_norms})
     total = grad_sq_norms.sum()
     lowest, total_value = torch.stack([grad_sq_norms.amin(), total]).tolist()
     if lowest < 0:
@@ -567,7 +432,7 @@ def straight_through_gumbel(
         raise ValueError(f"tau must be a positive finite number, got {tau!r}")
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in _DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise ValueError(f"logits must be float32 or float64, got {logits.dtype}")
     if logits.dim() == 0 or logits.numel() == 0:
         raise ValueError(
@@ -588,7 +453,7 @@ def straight_through_gumbel(
                 f"noise is {noise.dtype} on {noise.device} but logits is {logits.dtype} on "
                 f"{logits.device}; they must match"
             )
-    _check_values({"logits": logits.detach(), "noise": noise.detach()})
+    check_values({"logits": logits.detach(), "noise": noise.detach()})
     perturbed = logits + noise.detach()
     y_soft = torch.softmax(perturbed / tau, dim=-1)
     index = perturbed.detach().argmax(dim=-1, keepdim=True)

@@ -126,6 +126,14 @@ def validate(fragment: Fragment) -> Fragment:
     log-probs, `behaviour_logp <= 0`, autoreset steps exactly after episode ends, and metadata
     types.
     """
+    _check_arrays(fragment)
+    _check_values(fragment)
+    _check_metadata(fragment)
+    return fragment
+
+
+def _check_arrays(fragment: Fragment) -> None:
+    """Dtypes, ranks and shapes against `FIELDS`, every field agreeing on T and N."""
     rewards = fragment.rewards
     if not isinstance(rewards, np.ndarray) or rewards.ndim != 2:
         raise InvalidFragment(
@@ -160,6 +168,10 @@ def validate(fragment: Fragment) -> Fragment:
             f"actions are int64 (discrete) so must be [T, N], got {fragment.actions.shape}",
             "shape",
         )
+
+
+def _check_values(fragment: Fragment) -> None:
+    """Finite rewards, log-probs and float arrays; discrete log-probs <= 0; autoreset steps."""
     for name in ("rewards", "behaviour_logp"):
         value = getattr(fragment, name)
         if not np.isfinite(value).all():
@@ -188,6 +200,10 @@ def validate(fragment: Fragment) -> Fragment:
             f"wrong at [t, n] = [{bad[0] + 1}, {bad[1]}]",
             "autoreset",
         )
+
+
+def _check_metadata(fragment: Fragment) -> None:
+    """Metadata types and ranges, and the per-episode arrays."""
     for name, kind in META_FIELDS.items():
         value = getattr(fragment, name)
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -210,7 +226,6 @@ def validate(fragment: Fragment) -> Fragment:
         )
     if not np.isfinite(fragment.episode_returns).all():
         raise InvalidFragment("episode_returns has a NaN or inf", "non_finite")
-    return fragment
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from learner import columns
 from learner import estimators as est
 
 torch.set_num_threads(1)
@@ -526,6 +527,6 @@ def test_log_depth_scan_matches_the_loop(T, reverse):
     y[y < 0.2] = 0.0
     init = torch.randn(5, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(
-        est._scan_log_depth(x, y, init, reverse=reverse),
-        est._scan_loop(x, y, init, reverse=reverse),
+        columns.scan_log_depth(x, y, init, reverse=reverse),
+        columns.scan_loop(x, y, init, reverse=reverse),
     )
