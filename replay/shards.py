@@ -26,22 +26,14 @@ from pathlib import PurePath
 from typing import Any
 
 from replay.config import ReplayConfig
+from replay.service import COUNTERS
 
 #: Stats that add up over shards (counters and sizes); see `merge_stats` for the rest.
 SUMMED = (
     "size_fragments",
     "size_bytes",
     "fresh_fragments",
-    "inserted",
-    "sampled",
-    "sample_calls",
-    "evicted",
-    "retired",
-    "dropped_stale",
-    "insert_waits",
-    "insert_timeouts",
-    "sample_waits",
-    "sample_timeouts",
+    *COUNTERS,
     "insert_wait_seconds",
     "sample_wait_seconds",
 )
