@@ -235,6 +235,13 @@ class Fleet:
             for stats in (earlier.get(0), answers.get(actor_id)):
                 if isinstance(stats, dict):
                     self._absorb(actor_id, stats)
+            if not isinstance(answers.get(actor_id), dict) and not self.state[actor_id].pending:
+                print(
+                    f"offpg: rollout actor {actor_id} did not confirm its stop "
+                    f"({answers.get(actor_id, 'no answer')}); its counts are those of its last "
+                    "report",
+                    file=sys.stderr,
+                )
             self._forget(actor_id)
             ray.kill(self._topo.actors.pop(actor_id), no_restart=True)
 

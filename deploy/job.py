@@ -219,15 +219,11 @@ class Job:
         every replay shard."""
         if self.fleet is not None:
             self.fleet.stop()
-        learner = self.topology.learner
-        counters = {"env_steps": self.env_steps}
         try:
-            final = ray.get(learner.stop.remote(counters), timeout=topology.CALL_TIMEOUT * 2)
-        except ray.exceptions.RayActorError:
-            # Killed just now: Ray restarts it from its checkpoint; that one writes the last.
-            final = ray.get(learner.stop.remote(counters), timeout=topology.CALL_TIMEOUT * 2)
-        self.replay.snapshot_all()
-        return final
+            return stop_learner(self.topology.learner, {"env_steps": self.env_steps})
+        finally:
+            # Whatever became of the learner, the replay's contents are kept for --resume.
+            self.replay.snapshot_all()
 
     def finish_controller(self, reason: str, final: dict) -> None:
         """Tell whoever waits in `offpg stop` how the run ended, then end the controller."""
@@ -241,6 +237,26 @@ class Job:
         except (ray.exceptions.RayError, TimeoutError):
             pass
         ray.kill(self.controller, no_restart=True)
+
+
+def stop_learner(learner: Any, counters: dict[str, int], timeout: float = 0.0) -> dict:
+    """The learner's final metrics after its `stop` (the final checkpoint); `{}` when it does not
+    answer within `timeout` seconds (default `2 * CALL_TIMEOUT`), logged: the newest periodic
+    checkpoint is then the one to resume from."""
+    timeout = timeout or topology.CALL_TIMEOUT * 2
+    try:
+        try:
+            return ray.get(learner.stop.remote(counters), timeout=timeout)
+        except ray.exceptions.RayActorError:
+            # Killed just now: Ray restarts it from its checkpoint; that one writes the last.
+            return ray.get(learner.stop.remote(counters), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        print(
+            f"offpg: the learner did not stop within {timeout:g} s: no final checkpoint; "
+            "--resume continues from the newest periodic one",
+            file=sys.stderr,
+        )
+        return {}
 
 
 #: A hook run after every poll of `train`; a true result stops the run.

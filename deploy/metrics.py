@@ -54,6 +54,8 @@ ACTORS_INVALID = "actors/invalid_fragments"  # refused by the codec at the actor
 REPLAY_RESTARTS = "replay/restarts"
 REPLAY_LOST = "replay/lost_fragments"
 LEARNER_RESTARTS = "learner/restarts"
+#: Periodic replay snapshots that failed (each logged; the next one is tried as usual).
+REPLAY_SNAPSHOT_FAILURES = "replay/snapshot_failures"
 # Backpressure: inserts the replay's rate limiter held back (each sent again by its actor), and
 # the seconds the actors waited for their inserts to settle, summed over actors (cumulative).
 REPLAY_HELD_BACK = "replay/held_back"

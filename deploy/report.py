@@ -225,6 +225,7 @@ def tensorboard_points(
         tags.REPLAY_RESTARTS: faults.replay_restarts,
         tags.REPLAY_LOST: faults.lost_fragments,
         tags.LEARNER_RESTARTS: faults.learner_restarts,
+        tags.REPLAY_SNAPSHOT_FAILURES: replay["snapshot_failures"],
         tags.REPLAY_HELD_BACK: replay["insert_timeouts"],
         tags.ACTORS_BACKPRESSURE_S: total.backpressure_s,
         tags.DRIVER_POLL_MS: job.poll_ms,
@@ -262,6 +263,7 @@ def replay_status(now: dict, before: dict | None, seconds: float) -> dict[str, A
         "sampled": now["sampled"],
         "rejected": sum(now["rejected"].values()),
         "held_back": now["insert_timeouts"],
+        "snapshot_failures": now["snapshot_failures"],
         "shards": now["shards"],
         **rates,
     }

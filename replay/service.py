@@ -97,6 +97,8 @@ class ReplayService:
         self.spec = spec
         self._cond = threading.Condition(threading.Lock())
         self._snapshot_lock = threading.Lock()  # one writer at a time (one temp file)
+        #: Periodic snapshots that failed; the snapshot thread logs each and carries on.
+        self.snapshot_failures = 0
         self._limiter = self.config.rate_limiter()
         self._rng = random.Random(self.config.seed)
         self._table = Table()
@@ -343,6 +345,7 @@ class ReplayService:
                 },
                 "insert_wait_seconds": self._wait_seconds["insert"],
                 "sample_wait_seconds": self._wait_seconds["sample"],
+                "snapshot_failures": self.snapshot_failures,
             }
 
     # ------------------------------------------------------------------ snapshots
@@ -391,8 +394,14 @@ class ReplayService:
         while not self._stop.wait(self.config.snapshot_every):
             try:
                 self.snapshot(self.config.snapshot_path)
-            except OSError:
-                log.exception("periodic snapshot to %s failed", self.config.snapshot_path)
+            except Exception:  # a failed snapshot must not end the ones after it
+                self.snapshot_failures += 1
+                log.exception(
+                    "periodic snapshot to %s failed (%d so far); trying again in %s s",
+                    self.config.snapshot_path,
+                    self.snapshot_failures,
+                    self.config.snapshot_every,
+                )
 
     # ------------------------------------------------------------------ lifecycle
 

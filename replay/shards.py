@@ -36,6 +36,7 @@ SUMMED = (
     *COUNTERS,
     "insert_wait_seconds",
     "sample_wait_seconds",
+    "snapshot_failures",
 )
 
 

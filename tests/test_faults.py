@@ -116,6 +116,25 @@ def test_diverging_learner_stops_the_job_with_its_message(local_ray, tmp_path, c
     assert "the policy has diverged" in out
 
 
+@ray.remote(num_cpus=0)
+class _UnresponsiveLearner:
+    def stop(self, counters: dict) -> dict:
+        time.sleep(30)
+        return {"version": 1}
+
+
+def test_a_learner_that_does_not_answer_stop_is_given_up_on(local_ray, capfd):
+    """`Job.stop` then still snapshots the replay (its `finally`); the driver does not hang."""
+    from deploy.job import stop_learner
+
+    learner = _UnresponsiveLearner.remote()
+    try:
+        assert stop_learner(learner, {"env_steps": 1}, timeout=0.5) == {}
+        assert "the learner did not stop within 0.5 s: no final checkpoint" in capfd.readouterr().err
+    finally:
+        ray.kill(learner)
+
+
 # -- one run, many faults ------------------------------------------------------------------------
 
 

@@ -487,3 +487,32 @@ def test_periodic_snapshots_run_on_a_named_thread_joined_by_close(tmp_path, fill
         time.sleep(0.02)
     service.close()
     assert "replay-snapshotter" not in [t.name for t in threading.enumerate()]
+
+
+def test_periodic_snapshots_survive_an_unexpected_error(tmp_path, fill, monkeypatch):
+    """A periodic snapshot failing with something other than OSError is counted and logged, and
+    the thread writes the next ones as usual."""
+    from replay import snapshot as snapshot_file
+
+    real_write = snapshot_file.write
+    failures = []
+
+    def flaky_write(path, state, records):
+        if not failures:
+            failures.append(path)
+            raise ValueError("an encoder bug")
+        return real_write(path, state, records)
+
+    monkeypatch.setattr(snapshot_file, "write", flaky_write)
+    path = tmp_path / "replay.snap"
+    service = ReplayService(ReplayConfig.fifo_queue(snapshot_path=str(path), snapshot_every=0.02))
+    try:
+        fill(service, 2)
+        deadline = time.monotonic() + 5
+        while not path.exists():
+            assert time.monotonic() < deadline, "no snapshot after the failed one"
+            time.sleep(0.02)
+        assert failures and service.stats()["snapshot_failures"] == 1
+        assert "replay-snapshotter" in [t.name for t in threading.enumerate()]
+    finally:
+        service.close()

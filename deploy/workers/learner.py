@@ -158,12 +158,31 @@ class LearnerWorker:
         return paths[-1] if paths else None
 
     def stop(self, counters: dict[str, int], timeout: float = 60.0) -> dict:
-        """Stop stepping, write the final checkpoint, and return the last metrics."""
+        """Stop stepping, write the final checkpoint, and return the last metrics.
+
+        The checkpoint is written only once the stepping thread has ended: if it is still
+        running after `timeout` seconds, the final checkpoint is skipped (and logged), and the
+        newest periodic checkpoint stays the one to resume from."""
         self._stop.set()
-        if self._thread.ident is not None:  # a restarted learner may not have been started
-            self._thread.join(timeout)
         self.learner.counters.update(counters)
-        path = self.learner.save_checkpoint()
+        path = final_checkpoint(self.learner, self._thread, timeout)
         final = self.drain(counters)
         final["checkpoint"] = str(path) if path else None
         return final
+
+
+def final_checkpoint(learner: Learner, stepping: threading.Thread, timeout: float) -> str | None:
+    """Wait up to `timeout` seconds for the `stepping` thread to end, then write the learner's
+    checkpoint and return its path. A thread still running is inside a step, and a checkpoint
+    then could tear the weights it writes: none is written (logged), and the newest periodic
+    one stays the one to resume from."""
+    if stepping.ident is not None:  # a restarted learner may not have been started
+        stepping.join(timeout)
+    if stepping.is_alive():
+        log.error(
+            "the learner's thread did not stop within %.0f s: no final checkpoint (the newest "
+            "periodic one stands)",
+            timeout,
+        )
+        return None
+    return learner.save_checkpoint()
