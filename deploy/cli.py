@@ -7,6 +7,7 @@ Heavy imports (torch, Ray, Gymnasium) happen inside the command that needs them,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -161,6 +162,17 @@ def _launch(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides, extra=extra)
     except ConfigError as exc:
         die(exc)
+    if not os.path.isabs(config.run.logdir):
+        # On the cluster a relative path lands in the job's unpacked working directory: one
+        # per node, deleted with the job.
+        die(
+            ConfigError(
+                "run.logdir",
+                f"{config.run.logdir!r} is relative; a launched run needs an absolute path "
+                "that every node can write and that outlives the job (a shared volume), "
+                "e.g. --set run.logdir=/mnt/shared/runs",
+            )
+        )
     from deploy import launch
     from deploy.job import run_name
 

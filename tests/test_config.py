@@ -230,6 +230,20 @@ def test_cli_bad_config_exits_2_before_ray_starts(tmp_path, args, key):
     assert not any(tmp_path.iterdir()), "nothing may be written for a bad config"
 
 
+def test_launch_refuses_a_relative_logdir_before_submitting():
+    """A relative run.logdir would land in the job's temporary working directory on the
+    cluster; launch says so (exit 2) and never contacts the cluster at 127.0.0.1:1."""
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "launch", "--address", "http://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "run.logdir: 'runs' is relative" in result.stderr
+
+
 def test_cli_scale_refuses_an_absurd_actor_count_before_connecting():
     result = subprocess.run(
         [sys.executable, "-m", "deploy.cli", "scale", "somerun", "--actors", "1000000000"],

@@ -130,7 +130,8 @@ def test_a_learner_that_does_not_answer_stop_is_given_up_on(local_ray, capfd):
     learner = _UnresponsiveLearner.remote()
     try:
         assert stop_learner(learner, {"env_steps": 1}, timeout=0.5) == {}
-        assert "the learner did not stop within 0.5 s: no final checkpoint" in capfd.readouterr().err
+        err = capfd.readouterr().err
+        assert "the learner did not stop within 0.5 s: no final checkpoint" in err
     finally:
         ray.kill(learner)
 
