@@ -57,6 +57,9 @@ def run_command(command: str, args: Any) -> int:
     except RunNotFound as exc:
         print(f"offpg: {exc}", file=sys.stderr)
         return 1
+    except controller.TokenRefused as exc:
+        print(f"offpg: {exc}", file=sys.stderr)
+        return 2
 
 
 def scale(run: str, num_actors: int) -> int:

@@ -15,7 +15,11 @@ commands) calls it with.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -113,12 +117,62 @@ class RunNotFound(LookupError):
     """No controller of that run on the cluster: the run is not running (or never was)."""
 
 
+class TokenRefused(ConnectionError):
+    """The cluster uses token authentication and refused this process's (missing) token."""
+
+
+def check_token(address: str | None) -> None:
+    """Raise `TokenRefused`, in milliseconds, when the GCS at `address` (`host:port`) refuses
+    this process's token: `ray.init` would retry for ~20 s and end in two pages of traceback.
+
+    Only a GCS that accepts a TCP connection is asked (one key-value read); an address that
+    is not `host:port`, a port that does not answer, or any other error is left to `ray.init`
+    to report."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=2.0).close()
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except (OSError, ImportError):
+        return
+    try:
+        with _stderr_silenced():  # Ray's C++ client logs the refusal as a warning line
+            GcsClient(address=address).internal_kv_get(b"offpg-token-check", None, timeout=5)
+    except AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        raise TokenRefused(
+            f"the Ray cluster at {address} refused this process's token (RAY_AUTH_MODE is "
+            f"{mode!r}): set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, "
+            "the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (`ray "
+            "get-auth-token` on the head node prints it)"
+        ) from None
+    except Exception:  # anything else is for ray.init to report
+        return
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 points at /dev/null inside the block (output from C++ included)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address` (GCS `host:port`, `ray://...`, or None/'auto': local)."""
     import ray
 
     if ray.is_initialized():
         return
+    check_token(address)
     ray.init(
         address=address or "auto",
         namespace=NAMESPACE,

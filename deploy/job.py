@@ -26,7 +26,7 @@ import ray
 
 from deploy import report, topology
 from deploy.config import ConfigError, JobConfig, RunConfig
-from deploy.controller import Orders
+from deploy.controller import Orders, TokenRefused, check_token
 from deploy.fleet import Fleet
 from deploy.inprocess import job_policy_spec
 from deploy.replay_shards import ReplayShards, stray_snapshots
@@ -359,6 +359,10 @@ def _init_ray(config: JobConfig) -> bool:
         return False
     address = config.run.address or os.environ.get("RAY_ADDRESS", "")
     if address:
+        try:
+            check_token(address)
+        except TokenRefused as exc:
+            raise ConfigError("run.address", str(exc)) from None
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=ray_cpus(config), include_dashboard=False, log_to_driver=True)

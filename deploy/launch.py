@@ -20,6 +20,7 @@ and the HTTP relay of `offpg scale | status | stop` find them.
 from __future__ import annotations
 
 import asyncio
+import json
 import shlex
 import sys
 import time
@@ -165,7 +166,15 @@ def relay(run: str, argv: list[str], *, address: str) -> int:
         metadata={RELAY_KEY: run},
     )
     status = wait_done(jobs, job_id, timeout=RELAY_TIMEOUT_S)
-    sys.stdout.write(jobs.get_job_logs(job_id))
+    relayed = jobs.get_job_logs(job_id)
+    if "--json" in argv:
+        # The job's log mixes the command's stdout with whatever Ray logged: the JSON document
+        # alone goes to stdout (`offpg status RUN --json | jq` works), the rest to stderr.
+        document = [line for line in relayed.splitlines() if _is_json_object(line)][-1:]
+        rest = [line for line in relayed.splitlines() if line not in document]
+        sys.stderr.write("".join(f"{line}\n" for line in rest))
+        relayed = "".join(f"{line}\n" for line in document)
+    sys.stdout.write(relayed)
     sys.stdout.flush()
     if status not in TERMINAL:
         jobs.stop_job(job_id)
@@ -173,3 +182,12 @@ def relay(run: str, argv: list[str], *, address: str) -> int:
             f"offpg: the relayed command did not finish in {RELAY_TIMEOUT_S:g} s", file=sys.stderr
         )
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _is_json_object(line: str) -> bool:
+    if not line.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False

@@ -318,6 +318,9 @@ def test_launch_scale_2_4_1_and_stop(cluster, tmp_path):
 
         text = rc.offpg("status", run, "--address", rc.gcs)
         assert "1 running, 0 pending, 0 restarted" in text and "offpg tensorboard" in text
+        # Through the dashboard (a relay job): stdout is exactly one JSON document.
+        relayed = json.loads(rc.offpg("status", run, "--json", "--address", rc.dashboard))
+        assert relayed["run"] == run and relayed["actors"]["running"] == 1
 
         out = stop_run(rc, run, job_id)
         checkpoint = out.rsplit("final checkpoint ", 1)[1].strip()
@@ -415,3 +418,21 @@ def test_lost_worker_node_its_actors_are_recreated_on_the_remaining_nodes(cluste
     finally:
         if rc.job_status(job_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
             rc.offpg("stop", run, "--address", rc.gcs, "--no-wait", check=False)
+
+
+def test_a_client_without_the_token_fails_at_once_with_one_line(cluster, tmp_path):
+    """Without RAY_AUTH_MODE=token, `train --address` and `status --address` end with exit 2
+    and one line saying how to pass the token (not Ray's retries and traceback); nothing is
+    written."""
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    for args in (
+        ["train", "--address", cluster.gcs, "--logdir", str(tmp_path), "--name", "notoken"],
+        ["status", "somerun", "--json", "--address", cluster.gcs],
+    ):
+        done = subprocess.run(
+            [*CLI, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert done.stderr.strip().count("\n") == 0, done.stderr[-3000:]
+        assert "set RAY_AUTH_MODE=token" in done.stderr and done.stdout == ""
+    assert not any(tmp_path.iterdir())
