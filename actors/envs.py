@@ -348,6 +348,15 @@ def probe_spaces(config: EnvConfig) -> tuple[gym.Space, gym.Space]:
         env.close()
 
 
+def stored_frame_stack(config: EnvConfig, spec: PolicySpec) -> int:
+    """K when the observations are `config.frame_stack` stacked frames, channels first (`uint8
+    [K, H, W]`, as ALE ids give): fragments then carry each frame once (`replay.frames`); else
+    1."""
+    k = config.frame_stack
+    stacked = spec.obs_dtype == "uint8" and len(spec.obs_shape) == 3 and spec.obs_shape[0] == k
+    return k if k > 1 and stacked else 1
+
+
 def policy_spec(
     observation_space: gym.Space,
     action_space: gym.Space,

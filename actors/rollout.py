@@ -2,9 +2,10 @@
 
 `RolloutActor` is plain Python (Ray is applied in `deploy/`). Each `collect()` plays
 `unroll_length` steps of all envs with batched CPU inference, writes them into a `Fragment`
-(time-major, see `replay.trajectory`), encodes it with `replay.codec.encode` and hands the bytes
-to a `FragmentSink`. Weights come from a `WeightSource` and change only between fragments, so
-every fragment is acted by exactly one policy version, which it carries.
+(time-major, see `replay.trajectory`; stacked Atari frames stored once each, `replay.frames`),
+encodes it with `replay.codec.encode` and hands the bytes to a `FragmentSink`. Weights come
+from a `WeightSource` and change only between fragments, so every fragment is acted by exactly
+one policy version, which it carries.
 
 Autoreset bookkeeping across fragments: the last observation of a fragment is row 0 of the next
 one, and the "previous step ended an episode" flags carry over, so `autoreset[0]` is right.
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from actors.envs import EnvConfig, env_seeds, make_vec_env, seeded_reset
+from actors.envs import EnvConfig, env_seeds, make_vec_env, seeded_reset, stored_frame_stack
 from learner.policy import PolicySpec, load_numpy_state_dict, make_policy
+from replay import frames
 from replay.codec import encode
 from replay.fields import check, setting
 from replay.trajectory import Fragment, InvalidFragment
@@ -187,6 +189,7 @@ class RolloutActor:
         self._policy = make_policy(spec)
         self._policy.requires_grad_(False)
         self._obs_dtype = np.dtype(spec.obs_dtype)
+        self._frame_stack = stored_frame_stack(env_config, spec)  # frames stored once each
         if spec.action_kind == "discrete":
             self._action_shape: tuple[int, ...] = ()
             self._action_dtype = np.dtype(np.int64)
@@ -346,7 +349,7 @@ class RolloutActor:
         self._obs[...] = obs[t_len]
         self._prev_done[...] = prev_done
         fragment = Fragment(
-            obs=obs,
+            **frames.fragment_obs(obs, self._frame_stack),
             actions=actions,
             rewards=rewards,
             terminated=terminated,

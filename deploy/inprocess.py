@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from actors.envs import policy_spec, probe_spaces
+from actors.envs import policy_spec, probe_spaces, stored_frame_stack
 from actors.rollout import MemorySink, RolloutActor
 from deploy.config import ConfigError, JobConfig
 from learner.broadcast import WeightStore
@@ -121,6 +121,7 @@ def job_fragment_spec(config: JobConfig, spec: PolicySpec) -> FragmentSpec:
         action_dim=spec.action_dim,
         unroll_length=config.actors.unroll_length,
         num_envs=config.actors.num_envs,
+        frame_stack=stored_frame_stack(config.env, spec),
     )
 
 

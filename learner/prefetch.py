@@ -1,8 +1,10 @@
 """Host-side batch preparation for the learner: numpy `Batch` -> device tensors, ahead of time.
 
 `Prefetcher` runs one named thread that pulls batches from the learner's iterator, converts them
-(`to_tensors`: pinned memory and non-blocking copies on CUDA) and keeps at most `depth` of them
-in a bounded queue, so the host work overlaps the gradient step. The thread is stopped and
+(`to_tensors`: pinned memory and non-blocking copies on CUDA; stacked frames, which a batch
+holds once each, are rebuilt into the observations the actors acted on, on the device:
+`stack_frames`) and keeps at most `depth` of them in a bounded queue, so the host work overlaps
+the gradient step. The thread is stopped and
 joined by `close()`; an exception in the iterator is re-raised by `get()` in the consumer.
 """
 
@@ -17,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from replay.frames import head_positions
 from replay.trajectory import Batch
 
 log = logging.getLogger(__name__)
@@ -42,14 +45,20 @@ class TensorBatch(NamedTuple):
 
 
 def to_tensors(batch: Batch, device: torch.device, stream: Any = None) -> TensorBatch:
-    """Move a `Batch` to `device`. On CUDA the arrays go through pinned memory and are copied
-    with `non_blocking=True` on `stream` (the prefetch thread's own stream), which is
-    synchronised before returning so that the tensors are complete when handed over."""
-    names = TensorBatch._fields[:-1]
-    arrays = [getattr(batch, name) for name in names]
+    """Move a `Batch` to `device`, observations stacked (`stack_frames`). On CUDA the arrays go
+    through pinned memory and are copied with `non_blocking=True` on `stream` (the prefetch
+    thread's own stream), which is synchronised before returning so that the tensors are
+    complete when handed over."""
+    arrays = [getattr(batch, name) for name in TensorBatch._fields[:-1]]
+    stacked = batch.frame_stack > 1
+    if stacked:
+        arrays.append(batch.stack_heads)
     if device.type != "cuda":
         # Arrays decoded by Ray are read-only; torch only wraps writable memory.
         tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]
+        if stacked:
+            heads = tensors.pop()
+            tensors[0] = stack_frames(tensors[0], batch.frame_stack, batch.stack_resets, heads)
         return TensorBatch(*tensors, np.asarray(batch.policy_version, np.int64))
     # On a side stream the copies overlap the step running on the default stream; without one
     # (a direct `step(batch)`) they are ordered on the current stream and need no sync.
@@ -58,9 +67,27 @@ def to_tensors(batch: Batch, device: torch.device, stream: Any = None) -> Tensor
             torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
             for a in arrays
         ]
+        if stacked:
+            heads = tensors.pop()
+            tensors[0] = stack_frames(tensors[0], batch.frame_stack, batch.stack_resets, heads)
     if stream is not None:
         stream.synchronize()
     return TensorBatch(*tensors, np.asarray(batch.policy_version, np.int64))
+
+
+def stack_frames(
+    frames: torch.Tensor, frame_stack: int, resets: np.ndarray, heads: torch.Tensor
+) -> torch.Tensor:
+    """`frames [T+K, B, *frame_shape]` -> the stacked observations `[T+1, B, K, *frame_shape]`
+    on the frames' device: `replay.frames.unpack` in torch (one copy, one scatter of heads)."""
+    obs = frames.unfold(0, frame_stack, 1).movedim(-1, 2).contiguous()
+    rows, cols, places, sources = head_positions(resets, frame_stack, obs.shape[0])
+    if len(rows):
+        offsets = places + rows - np.asarray(resets, np.int64)[sources, 0]
+        index = [torch.as_tensor(a, device=obs.device) for a in (rows, cols, places)]
+        src = [torch.as_tensor(a, device=obs.device) for a in (sources, offsets)]
+        obs[index[0], index[1], index[2]] = heads[src[0], src[1]]
+    return obs
 
 
 _END = object()

@@ -2,11 +2,13 @@
 
 A message is one msgpack map::
 
-    {"schema_version": 1, "obs": <ext>, "actions": <ext>, ..., "policy_version": 7,
-     "actor_id": 3, "fragment_id": "3-000042", "episode_returns": <ext>, "episode_lengths": <ext>}
+    {"schema_version": 2, "obs": <ext>, "actions": <ext>, ..., "policy_version": 7,
+     "actor_id": 3, "fragment_id": "3-000042", "frame_stack": 4, "episode_returns": <ext>,
+     "episode_lengths": <ext>, "stack_resets": <ext>, "stack_heads": <ext>}
 
-holding exactly the `trajectory.FIELDS`, `META_FIELDS` and `EPISODE_FIELDS` keys plus
-`schema_version`. Each array is a msgpack ExtType with code `ARRAY_EXT_CODE` whose payload is::
+holding exactly the `trajectory.FIELDS`, `META_FIELDS`, `EPISODE_FIELDS` and `STACK_FIELDS`
+keys plus `schema_version` (version 1, before frames were stored once, is refused by name).
+Each array is a msgpack ExtType with code `ARRAY_EXT_CODE` whose payload is::
 
     u8 len(dtype name) | dtype name (ascii, e.g. b"float32") | u8 ndim | ndim x u64 dims | raw bytes
 
@@ -46,6 +48,7 @@ from replay.trajectory import (
     FIELD_NAMES,
     META_FIELDS,
     SCHEMA_VERSION,
+    STACK_FIELDS,
     Fragment,
     InvalidFragment,
     validate,
@@ -53,7 +56,7 @@ from replay.trajectory import (
 
 #: The msgpack extension type code of a numpy array.
 ARRAY_EXT_CODE = 1
-#: Default upper bound on an encoded message (an Atari fragment of 20 x 16 envs is ~9 MB).
+#: Default upper bound on an encoded message (an Atari fragment of 20 x 16 envs is ~2.7 MB).
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 #: Upper bound on array rank; the schema needs at most 2 + len(obs_shape).
 MAX_NDIM = 8
@@ -85,7 +88,7 @@ _WIRE_BY_NAME = {name.encode("ascii"): dtype for name, dtype in WIRE_DTYPES.item
 #: Reads the dimensions of an array of each rank.
 _DIMS = [struct.Struct(f"<{ndim}Q") for ndim in range(MAX_NDIM + 1)]
 VERSION_KEY = "schema_version"
-_ARRAY_KEYS = (*FIELD_NAMES, *EPISODE_FIELDS)
+_ARRAY_KEYS = (*FIELD_NAMES, *EPISODE_FIELDS, *STACK_FIELDS)
 _ARRAY_KEY_SET = frozenset(_ARRAY_KEYS)
 _EXPECTED_KEYS = frozenset((VERSION_KEY, *_ARRAY_KEYS, *META_FIELDS))
 _MAX_KEY_BYTES = max(len(key.encode()) for key in _EXPECTED_KEYS)
@@ -217,7 +220,7 @@ class _Reader:
         values: dict[str, object] = {}
         payloads: dict[str, tuple[int, int, int]] = {}
         data = self._data
-        for _ in range(count):  # ends by the 14th key at most: it is unknown or repeated
+        for _ in range(count):  # ends by the 17th key at most: it is unknown or repeated
             # A field name as msgpack writes it, inline (the common case); `_key` does the rest.
             pos = self._pos
             key = None
@@ -239,11 +242,7 @@ class _Reader:
             elif kind in _SCALAR_KINDS:
                 values[key] = value = self._scalar(first)
                 if key == VERSION_KEY and (type(value) is not int or value != SCHEMA_VERSION):
-                    raise InvalidFragment(
-                        f"unknown {VERSION_KEY} {value!r}: "
-                        f"this build reads version {SCHEMA_VERSION}",
-                        "schema_version",
-                    )
+                    raise InvalidFragment(_version_message(value), "schema_version")
             elif key == VERSION_KEY:
                 raise _wrong_kind(f"{key} must be an int", first, "schema_version")
             else:
@@ -345,6 +344,16 @@ class _Reader:
         self._pos = start + length
         code = data[start - 1]
         return code - 0x100 if code > 0x7F else code, start, self._pos
+
+
+def _version_message(version: object) -> str:
+    if type(version) is int and version == 1:
+        return (
+            f"{VERSION_KEY} 1 is the format before stacked frames were stored once per "
+            f"fragment: this build reads version {SCHEMA_VERSION} only (actors and replay must "
+            "run the same offpg)"
+        )
+    return f"unknown {VERSION_KEY} {version!r}: this build reads version {SCHEMA_VERSION}"
 
 
 def _wrong_kind(what: str, first: int, reason: str) -> InvalidFragment:

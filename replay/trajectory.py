@@ -14,6 +14,7 @@ is exactly what a truncated (time-limited) episode must bootstrap from.
 Layout, for one env column n and a fragment of T steps::
 
     obs[t]             the observation the policy acted on at step t       (t = 0 .. T)
+                       (stacked image observations: each frame once, see below)
     actions[t]         the action taken at step t
     rewards[t]         the reward for that action
     terminated[t]      the episode reached a terminal state at step t: do not bootstrap
@@ -21,6 +22,14 @@ Layout, for one env column n and a fragment of T steps::
     autoreset[t]       step t only reset the env (always True right after a terminated or
                        truncated step); its action, reward and log-prob carry no meaning
     behaviour_logp[t]  log mu(actions[t] | obs[t]) under the policy that acted
+
+Frame stacks. With `frame_stack` = K > 1 (Atari: the last K frames, newest last, as one
+`[K, H, W]` observation), `obs` holds each frame once: `[T + K, N, H, W]` instead of
+`[T + 1, N, K, H, W]`, and `stack_resets [R, 2]` / `stack_heads [R, K-1, H, W]` hold the stacks
+that do not continue the row before (after an episode reset); `replay.frames` says how, and
+`stacked_obs()` rebuilds the observations the actor acted on. With K = 1 `obs` is
+`[T + 1, N, *obs_shape]` and both are empty. Schema version 2 introduced this; version 1
+messages (every stacked frame repeated K times) are refused by name.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ from typing import Literal
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+from replay import frames
+
+SCHEMA_VERSION = 2
 #: Largest `policy_version` and `actor_id`: both become int64 columns of a `Batch`.
 MAX_INT64 = 2**63 - 1
 
@@ -52,15 +63,16 @@ class FieldSpec:
     name: str
     #: numpy dtype names this field may have; the first is the canonical one.
     dtypes: tuple[str, ...]
-    #: "T" for one row per step, "T+1" for one per step plus the bootstrap observation.
-    rows: Literal["T", "T+1"]
+    #: "T" for one row per step, "T+K" for one per step plus the bootstrap observation, with
+    #: K = `frame_stack` (1 unless frames are stored once, see the module doc).
+    rows: Literal["T", "T+K"]
     #: True when the field has trailing per-step dimensions (observation or action shape).
     trailing: bool
     doc: str
 
 
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("obs", ("float32", "uint8"), "T+1", True, "observations; the last row bootstraps"),
+    FieldSpec("obs", ("float32", "uint8"), "T+K", True, "observations; the last row bootstraps"),
     FieldSpec("actions", ("int64", "float32"), "T", True, "int64 index or float32 vector"),
     FieldSpec("rewards", ("float32",), "T", False, "reward of each step"),
     FieldSpec("terminated", ("bool",), "T", False, "episode ended in a terminal state"),
@@ -70,9 +82,18 @@ FIELDS: tuple[FieldSpec, ...] = (
 )
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
 #: Per-fragment metadata: name -> python type (arrays of finished episodes are separate).
-META_FIELDS: dict[str, type] = {"policy_version": int, "actor_id": int, "fragment_id": str}
+META_FIELDS: dict[str, type] = {
+    "policy_version": int,
+    "actor_id": int,
+    "fragment_id": str,
+    "frame_stack": int,
+}
 #: Episodes that ended inside the fragment: 1-D arrays of equal length K.
 EPISODE_FIELDS: dict[str, str] = {"episode_returns": "float32", "episode_lengths": "int32"}
+#: The stacks of a frame-stacked `obs` that do not continue the row before (`replay.frames`).
+STACK_FIELDS: tuple[str, ...] = ("stack_resets", "stack_heads")
+#: Upper bound on `frame_stack`.
+MAX_FRAME_STACK = 64
 
 
 class _TimeMajor:
@@ -95,7 +116,7 @@ class _TimeMajor:
 class Fragment(_TimeMajor):
     """`T` steps of `N` environments from one actor; see the module docstring for the layout."""
 
-    obs: np.ndarray  # [T+1, N, *obs_shape] float32 | uint8
+    obs: np.ndarray  # [T+1, N, *obs_shape] float32 | uint8; [T+K, N, H, W] when K > 1
     actions: np.ndarray  # [T, N, *action_shape] int64 | float32
     rewards: np.ndarray  # [T, N] float32
     terminated: np.ndarray  # [T, N] bool
@@ -105,13 +126,24 @@ class Fragment(_TimeMajor):
     policy_version: int
     actor_id: int
     fragment_id: str
-    episode_returns: np.ndarray  # [K] float32
-    episode_lengths: np.ndarray  # [K] int32
+    episode_returns: np.ndarray  # [E] float32
+    episode_lengths: np.ndarray  # [E] int32
+    frame_stack: int = 1  # K: frames per observation stored once each (1: obs as acted on)
+    stack_resets: np.ndarray | None = None  # [R, 2] int32 (t, n); None: none (empty array)
+    stack_heads: np.ndarray | None = None  # [R, K-1, H, W] like obs; None: none
+
+    def __post_init__(self) -> None:
+        _fill_stack_fields(self)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the arrays (what the replay service's byte capacity counts)."""
-        return sum(getattr(self, f).nbytes for f in (*FIELD_NAMES, *EPISODE_FIELDS))
+        names = (*FIELD_NAMES, *EPISODE_FIELDS, *STACK_FIELDS)
+        return sum(getattr(self, f).nbytes for f in names)
+
+    def stacked_obs(self) -> np.ndarray:
+        """The observations as acted on, `[T+1, N, *obs_shape]` (a new array when K > 1)."""
+        return _stacked_obs(self)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The per-step arrays by field name, in `FIELDS` order."""
@@ -122,9 +154,9 @@ def validate(fragment: Fragment) -> Fragment:
     """Check a fragment against the schema and return it; raise `InvalidFragment` otherwise.
 
     Checks, each with a message naming the field: dtypes, ranks and shapes against `FIELDS`
-    (including `obs` having `T + 1` rows and every field agreeing on T and N), finite rewards and
-    log-probs, `behaviour_logp <= 0`, autoreset steps exactly after episode ends, and metadata
-    types.
+    (including `obs` having `T + frame_stack` rows and every field agreeing on T and N), the
+    frame-stack fields (`_validate_stacks`), finite rewards and log-probs,
+    `behaviour_logp <= 0`, autoreset steps exactly after episode ends, and metadata types.
     """
     _check_arrays(fragment)
     _check_values(fragment)
@@ -133,7 +165,8 @@ def validate(fragment: Fragment) -> Fragment:
 
 
 def _check_arrays(fragment: Fragment) -> None:
-    """Dtypes, ranks and shapes against `FIELDS`, every field agreeing on T and N."""
+    """Dtypes, ranks and shapes against `FIELDS`, every field agreeing on T and N (`obs` on
+    T + frame_stack), and the frame-stack fields."""
     rewards = fragment.rewards
     if not isinstance(rewards, np.ndarray) or rewards.ndim != 2:
         raise InvalidFragment(
@@ -142,6 +175,11 @@ def _check_arrays(fragment: Fragment) -> None:
     t, n = rewards.shape
     if t < 1 or n < 1:
         raise InvalidFragment(f"rewards has shape {rewards.shape}: T and N must be >= 1", "shape")
+    k = fragment.frame_stack
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_FRAME_STACK:
+        raise InvalidFragment(
+            f"frame_stack must be an int in [1, {MAX_FRAME_STACK}], got {k!r}", "invalid"
+        )
     for spec in FIELDS:
         value = getattr(fragment, spec.name)
         if not isinstance(value, np.ndarray):
@@ -151,16 +189,17 @@ def _check_arrays(fragment: Fragment) -> None:
                 f"{spec.name} has dtype {value.dtype.name}, allowed: {', '.join(spec.dtypes)}",
                 "dtype",
             )
-        rows = t + 1 if spec.rows == "T+1" else t
+        rows = t + k if spec.rows == "T+K" else t
+        label = "T+1" if spec.rows == "T+K" and k == 1 else spec.rows
         if value.ndim < 2 or value.shape[:2] != (rows, n):
             raise InvalidFragment(
-                f"{spec.name} has shape {value.shape}, expected [{spec.rows}={rows}, N={n}, ...] "
+                f"{spec.name} has shape {value.shape}, expected [{label}={rows}, N={n}, ...] "
                 f"to agree with rewards {rewards.shape}",
                 "shape",
             )
         if not spec.trailing and value.ndim != 2:
             raise InvalidFragment(
-                f"{spec.name} has shape {value.shape}, expected [{spec.rows}, N] = ({rows}, {n})",
+                f"{spec.name} has shape {value.shape}, expected [{label}, N] = ({rows}, {n})",
                 "shape",
             )
     if fragment.actions.dtype == np.int64 and fragment.actions.ndim != 2:
@@ -168,6 +207,7 @@ def _check_arrays(fragment: Fragment) -> None:
             f"actions are int64 (discrete) so must be [T, N], got {fragment.actions.shape}",
             "shape",
         )
+    _validate_stacks(fragment, t, n, k)
 
 
 def _check_values(fragment: Fragment) -> None:
@@ -177,7 +217,9 @@ def _check_values(fragment: Fragment) -> None:
         if not np.isfinite(value).all():
             bad = np.argwhere(~np.isfinite(value))[0].tolist()
             raise InvalidFragment(f"{name} has a NaN or inf at [t, n] = {bad}", "non_finite")
-    if fragment.obs.dtype == np.float32 and not np.isfinite(fragment.obs).all():
+    if fragment.obs.dtype == np.float32 and not (
+        np.isfinite(fragment.obs).all() and np.isfinite(fragment.stack_heads).all()
+    ):
         raise InvalidFragment("obs has a NaN or inf", "non_finite")
     if fragment.actions.dtype == np.float32 and not np.isfinite(fragment.actions).all():
         raise InvalidFragment("actions has a NaN or inf", "non_finite")
@@ -246,6 +288,8 @@ class FragmentSpec:
     action_dim: int
     unroll_length: int | None = None
     num_envs: int | None = None
+    #: Frames stored once per fragment (`Fragment.frame_stack`; 1: observations as they are).
+    frame_stack: int = 1
 
     def check(self, fragment: Fragment) -> Fragment:
         """Return `fragment` if it fits this spec (it must already be schema-valid); raise
@@ -259,10 +303,18 @@ class FragmentSpec:
             raise InvalidFragment(
                 f"N is {n}, this run's fragments have {self.num_envs}", "spec_shape"
             )
-        obs = fragment.obs
-        if obs.shape[2:] != tuple(self.obs_shape) or obs.dtype.name != self.obs_dtype:
+        if fragment.frame_stack != self.frame_stack:
             raise InvalidFragment(
-                f"obs rows are {obs.shape[2:]} {obs.dtype.name}, this run's are "
+                f"frame_stack is {fragment.frame_stack}, this run's fragments have "
+                f"{self.frame_stack}",
+                "spec_obs",
+            )
+        obs = fragment.obs
+        # With frames stored once, a row of obs is one frame of the [K, ...] observation.
+        rows = obs.shape[2:] if self.frame_stack == 1 else (self.frame_stack, *obs.shape[2:])
+        if rows != tuple(self.obs_shape) or obs.dtype.name != self.obs_dtype:
+            raise InvalidFragment(
+                f"obs rows are {rows} {obs.dtype.name}, this run's are "
                 f"{tuple(self.obs_shape)} {self.obs_dtype}",
                 "spec_obs",
             )
@@ -289,6 +341,34 @@ class FragmentSpec:
         return fragment
 
 
+def _validate_stacks(fragment: Fragment, t: int, n: int, k: int) -> None:
+    problem = frames.check(
+        fragment.obs, k, t, n, fragment.stack_resets, fragment.stack_heads, _describe
+    )
+    if problem is not None:
+        raise InvalidFragment(*problem)
+
+
+def _fill_stack_fields(container: Fragment | Batch) -> None:
+    """Empty `stack_resets` and `stack_heads` where they were left None (frozen dataclass)."""
+    if container.stack_resets is None:
+        object.__setattr__(container, "stack_resets", np.zeros((0, 2), np.int32))
+    if container.stack_heads is None:
+        obs, k = container.obs, container.frame_stack
+        valid = isinstance(obs, np.ndarray) and obs.ndim >= 2 and isinstance(k, int)
+        shape = (0, max(k - 1, 0), *obs.shape[2:]) if valid else (0, 0)
+        dtype = obs.dtype if valid else np.uint8
+        object.__setattr__(container, "stack_heads", np.zeros(shape, dtype))
+
+
+def _stacked_obs(container: Fragment | Batch) -> np.ndarray:
+    if container.frame_stack == 1:
+        return container.obs
+    return frames.unpack(
+        container.obs, container.frame_stack, container.stack_resets, container.stack_heads
+    )
+
+
 def _describe(value: object) -> str:
     if isinstance(value, np.ndarray):
         return f"array{value.shape} of {value.dtype.name}"
@@ -302,7 +382,7 @@ class Batch(_TimeMajor):
     Per-column metadata lets the learner measure the policy lag of every column.
     """
 
-    obs: np.ndarray  # [T+1, N, *obs_shape]
+    obs: np.ndarray  # [T+1, N, *obs_shape]; [T+K, N, H, W] when K > 1 (see Fragment)
     actions: np.ndarray  # [T, N, *action_shape]
     rewards: np.ndarray  # [T, N]
     terminated: np.ndarray  # [T, N]
@@ -312,14 +392,26 @@ class Batch(_TimeMajor):
     policy_version: np.ndarray  # [N] int64: version that produced each column
     actor_id: np.ndarray  # [N] int64
     fragment_ids: tuple[str, ...]  # one per fragment, in column order
+    frame_stack: int = 1
+    #: [R, 2] (t, column), in time order within each column; None: none.
+    stack_resets: np.ndarray | None = None
+    stack_heads: np.ndarray | None = None  # [R, K-1, H, W]; None: none
+
+    def __post_init__(self) -> None:
+        _fill_stack_fields(self)
 
     @classmethod
     def stack(cls, fragments: Sequence[Fragment]) -> Batch:
-        """Concatenate fragments that share T, observation and action layout."""
+        """Concatenate fragments that share T, frame_stack, observation and action layout."""
         if not fragments:
             raise ValueError("cannot stack an empty list of fragments")
         first = fragments[0]
         for frag in fragments[1:]:
+            if frag.frame_stack != first.frame_stack:
+                raise ValueError(
+                    f"cannot stack fragment {frag.fragment_id}: frame_stack {frag.frame_stack}, "
+                    f"the batch has {first.frame_stack}"
+                )
             for name in FIELD_NAMES:
                 a, b = getattr(first, name), getattr(frag, name)
                 if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:] or a.dtype != b.dtype:
@@ -332,6 +424,11 @@ class Batch(_TimeMajor):
             for name in FIELD_NAMES
         }
         counts = [f.num_envs for f in fragments]
+        offsets = np.cumsum([0, *counts[:-1]])
+        resets = [
+            f.stack_resets + np.array([0, o], np.int32)
+            for f, o in zip(fragments, offsets, strict=True)
+        ]
         return cls(
             **arrays,
             policy_version=np.repeat([f.policy_version for f in fragments], counts).astype(
@@ -339,8 +436,15 @@ class Batch(_TimeMajor):
             ),
             actor_id=np.repeat([f.actor_id for f in fragments], counts).astype(np.int64),
             fragment_ids=tuple(f.fragment_id for f in fragments),
+            frame_stack=first.frame_stack,
+            stack_resets=np.concatenate(resets),
+            stack_heads=np.concatenate([f.stack_heads for f in fragments]),
         )
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, f).nbytes for f in FIELD_NAMES)
+        return sum(getattr(self, f).nbytes for f in (*FIELD_NAMES, *STACK_FIELDS))
+
+    def stacked_obs(self) -> np.ndarray:
+        """The observations as acted on, `[T+1, N, *obs_shape]` (a new array when K > 1)."""
+        return _stacked_obs(self)

@@ -137,7 +137,16 @@ MALFORMED = [
         "future_version",
         lambda f: _message(f, schema_version=SCHEMA_VERSION + 1),
         "schema_version",
-        rf"unknown schema_version {SCHEMA_VERSION + 1}: this build reads version 1",
+        rf"unknown schema_version {SCHEMA_VERSION + 1}: this build reads version 2",
+        {},
+    ),
+    (
+        # Version 1 repeated every stacked frame K times (obs [T+1, N, K, H, W]).
+        "old_version",
+        lambda f: _message(f, schema_version=1),
+        "schema_version",
+        r"schema_version 1 is the format before stacked frames were stored once per fragment: "
+        r"this build reads version 2 only",
         {},
     ),
     ("missing_field", lambda f: _message(f, truncated=...), "missing_field", r"truncated$", {}),
@@ -173,9 +182,9 @@ MALFORMED = [
     ),
     (
         "float_version",
-        lambda f: _message(f, schema_version=1.0),
+        lambda f: _message(f, schema_version=float(SCHEMA_VERSION)),
         "schema_version",
-        r"unknown schema_version 1\.0: this build reads version 1",
+        rf"unknown schema_version {SCHEMA_VERSION}\.0: this build reads version {SCHEMA_VERSION}",
         {},
     ),
     (

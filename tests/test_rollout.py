@@ -208,11 +208,13 @@ def test_continuous_actions_are_stored_unclipped_and_clipped_for_the_env():
     np.testing.assert_allclose(frag.behaviour_logp, logp.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_pong_fragment_has_uint8_frames():
+def test_pong_fragment_has_uint8_frames_each_stored_once():
     pytest.importorskip("ale_py")
     actor, sink = _actor("ALE/Pong-v5", num_envs=2, unroll_length=4)
     frag = actor.collect()
-    assert frag.obs.shape == (5, 2, 4, 84, 84) and frag.obs.dtype == np.uint8
+    # 4 + 4 frames per env column, not 4 + 1 stacks of 4 (tests/test_frames.py: the stacks).
+    assert frag.obs.shape == (8, 2, 84, 84) and frag.obs.dtype == np.uint8
+    assert frag.frame_stack == 4 and frag.stacked_obs().shape == (5, 2, 4, 84, 84)
     assert _decoded(sink)[0].obs.dtype == np.uint8
     actor.close()
 
