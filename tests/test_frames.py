@@ -25,6 +25,7 @@ from learner.policy import make_policy, state_dict_to_numpy
 from learner.prefetch import stack_frames, to_tensors
 from replay import frames
 from replay.codec import decode, encode
+from replay.service import InsertResult, ReplayConfig, ReplayService
 from replay.trajectory import Batch, FragmentSpec, InvalidFragment, validate
 
 FRAMES_ID = "frames_env:make"
@@ -170,6 +171,43 @@ def test_frame_stacked_fragments_round_trip_the_codec():
     np.testing.assert_array_equal(back.stack_resets, frag.stack_resets)
     np.testing.assert_array_equal(back.stacked_obs(), frag.stacked_obs())
     assert back.nbytes == frag.nbytes
+
+
+def test_replay_checks_the_stack_fields_at_insert_and_serves_the_acted_stacks_exactly():
+    """Actor -> codec -> replay insert (with the job's spec) -> sample -> learner tensors: the
+    stacks are the ones the env produced; broken stack fields are refused and counted."""
+    actor, sink, config = _frames_actor("zero", num_envs=3, unroll=12)
+    for _ in range(3):
+        actor.collect()
+    actor.close()
+    fragments = [decode(item) for item in sink.items]
+    acted = dict(
+        zip((f.fragment_id for f in fragments), _replayed(config, 1, fragments), strict=True)
+    )
+    job = load_config(
+        None,
+        ["env.id=frames_env:make", "actors.num_envs=3", "actors.unroll_length=12"],
+        check_env=False,
+    )
+    spec = job_fragment_spec(job, policy_spec(*probe_spaces(job.env), network="mlp"))
+    service = ReplayService(ReplayConfig.fifo_queue(), spec)
+    frag = fragments[0]
+    assert len(frag.stack_resets) >= 1
+    bad = {
+        "invalid": dataclasses.replace(frag, stack_resets=frag.stack_resets * 0),
+        "shape": dataclasses.replace(frag, stack_heads=frag.stack_heads[1:]),
+        "spec_obs": dataclasses.replace(
+            frag, obs=frag.stacked_obs(), frame_stack=1, stack_resets=None, stack_heads=None
+        ),
+    }
+    for fragment in bad.values():
+        assert service.insert(encode(fragment, check=False)) is InsertResult.REJECTED
+    assert service.stats()["rejected"] == dict.fromkeys(bad, 1)
+    for item in sink.items:
+        assert service.insert(item) is InsertResult.ACCEPTED
+    batch = service.sample(len(fragments), learner_version=0, timeout=0)
+    expected = np.concatenate([acted[i] for i in batch.fragment_ids], axis=1)
+    np.testing.assert_array_equal(to_tensors(batch, torch.device("cpu")).obs.numpy(), expected)
 
 
 def _packed_fragment():
