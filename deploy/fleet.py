@@ -235,11 +235,16 @@ class Fleet:
             for stats in (earlier.get(0), answers.get(actor_id)):
                 if isinstance(stats, dict):
                     self._absorb(actor_id, stats)
-            if not isinstance(answers.get(actor_id), dict) and not self.state[actor_id].pending:
+            answer = answers.get(actor_id)
+            if not isinstance(answer, dict) and not self.state[actor_id].pending:
+                why = (
+                    type(answer).__name__
+                    if answer is not None
+                    else f"no answer in {STOP_WAIT_S:g} s"
+                )
                 print(
-                    f"offpg: rollout actor {actor_id} did not confirm its stop "
-                    f"({answers.get(actor_id, 'no answer')}); its counts are those of its last "
-                    "report",
+                    f"offpg: rollout actor {actor_id} did not confirm its stop ({why}); its "
+                    "counts are those of its last report",
                     file=sys.stderr,
                 )
             self._forget(actor_id)
