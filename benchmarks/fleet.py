@@ -435,9 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     results: list[dict] = []
     try:
         cluster.start_head(cpus=1)
-        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-        # After ray.init: Ray installs its own SIGTERM handler, which ends the process at once.
-        signal.signal(signal.SIGTERM, _sigterm)
+        cluster.connect()
         for node in range(args.nodes):
             hosts_here = len(range(node, args.hosts, args.nodes))
             cluster.add_worker(cpus=0, resources={"fleet_host": hosts_here})

@@ -82,6 +82,15 @@ class LoopbackCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def connect(self) -> None:
+        """`ray.init` this process as the cluster's driver. SIGTERM then raises
+        KeyboardInterrupt, as Ctrl-C does, so the caller's `finally` stops the cluster (Ray's own
+        handler, installed by `ray.init`, would end the process at once)."""
+        import ray
+
+        ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+        signal.signal(signal.SIGTERM, _interrupt)
+
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
         log = open(Path(self.temp_dir) / f"{name}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
@@ -215,6 +224,10 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 #: Niceness of a node's own processes while it starts (negative needs root; else the default).
 START_NICENESS = -5
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _start_priority() -> None:
