@@ -17,13 +17,34 @@ obs 4x84x84 uint8) it measures, each for about `--seconds` split into interleave
 and prints a Markdown table of medians over the rounds; `x raw` is the median per-round ratio
 of the service's time per fragment to the raw transfer's (the target is <= 2). MB/s counts
 encoded fragment bytes.
+
+Then, for 1, 16 and 256 producers (`--producers`: logical producers, threads in up to two
+processes, each with its own fragment and `actors.max_inflight`-like window of calls in flight),
+the wall time per fragment of four ways to hand a fragment to another process, as the actors
+do at once:
+
+  ray.put+get             ray.put of the encoded bytes and ray.get back, in the producer
+  raw actor call          the bytes to a no-op threaded actor through `RaySink` (today's
+                          transport without the replay service's work)
+  put, ref to actor       ray.put in the producer, the reference to a no-op actor that
+                          ray.gets it (the object-store data path: bytes stay out of the call)
+  service insert          the bytes through `RaySink` to the replay service as
+                          `deploy.topology.start_replay` starts it (a fifo of one fragment, so
+                          no insert ever waits for the rate limiter)
+
+Costs are the wall time of all producers divided by the fragments they sent (medians over the
+rounds), and their ratio to ray.put+get.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,8 +55,11 @@ import ray
 # and `import replay` would find this very module instead of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.loopback import LoopbackCluster
+from deploy import topology
+from deploy.workers.rollout import RaySink
 from replay import codec
-from replay.service import ReplayConfig, ReplayService
+from replay.service import InsertResult, ReplayConfig, ReplayService
 from replay.trajectory import Batch, Fragment
 
 WORKLOADS = {
@@ -196,23 +220,179 @@ def bench(name: str, spec, seconds: float, window: int, rounds: int) -> list[tup
     return rows
 
 
+# -- many producers --------------------------------------------------------------------------
+
+PRODUCER_WORKLOADS = {
+    # name: (T, N, obs_shape, obs_dtype). CartPole as the job's defaults (64 envs x 16 steps);
+    # Atari-shaped at about the size of a 20 x 16 Pong fragment with each frame stored once.
+    "CartPole (T=16, N=64, 4 f32)": (16, 64, (4,), np.float32),
+    "Atari (T=20, N=4, 4x84x84 u8)": (20, 4, (4, 84, 84), np.uint8),
+}
+#: The producer paths, each measured per fragment; the first is the baseline of the ratios.
+PRODUCER_PATHS = ("ray.put+get", "raw actor call", "put, ref to actor", "service insert")
+
+
+class NoopTarget:
+    """Takes fragments and does nothing: the transport floor of each producer path."""
+
+    def insert(self, data: bytes, timeout: float | None = None) -> InsertResult:
+        return InsertResult.ACCEPTED if len(data) else InsertResult.REJECTED
+
+    def take_ref(self, refs: list) -> bool:
+        return len(ray.get(refs[0])) > 0
+
+
+class ProducerHost:
+    """`threads` logical producers in one process, each with its own message (a fragment
+    encoded once with a fixed-width id whose counter is rewritten before every send, so the
+    replay service never sees a duplicate id) and its own `RaySink` where a path has one."""
+
+    def __init__(self, spec: tuple, host: int, threads: int, replay, target) -> None:
+        t, n, obs_shape, obs_dtype = spec
+        self._replay, self._target = replay, target
+        self._messages = []
+        for thread in range(threads):
+            placeholder = f"p{host:02d}-{thread:04d}-".encode() + b"0" * 12
+            fragment = make_fragment(t, n, obs_shape, obs_dtype, 0)
+            fragment = dataclasses.replace(fragment, fragment_id=placeholder.decode())
+            message = bytearray(codec.encode(fragment))
+            offset = message.index(placeholder) + len(placeholder) - 12
+            self._messages.append((message, offset))
+
+    def run(self, path: str, seconds: float, window: int) -> tuple[int, float]:
+        """All producers run `path` for about `seconds` (each sends at least one fragment);
+        (fragments done, wall seconds). The clock starts once every thread is ready."""
+        counts = [0] * len(self._messages)
+        go = threading.Event()
+        clock: list[float] = []
+        threads = [
+            threading.Thread(
+                target=self._produce,
+                args=(i, path, go, clock, window, counts),
+                name=f"bench-producer-{i}",
+            )
+            for i in range(len(self._messages))
+        ]
+        for thread in threads:
+            thread.start()
+        clock.append(time.perf_counter() + seconds)
+        start = time.perf_counter()
+        go.set()
+        for thread in threads:
+            thread.join()
+        return sum(counts), time.perf_counter() - start
+
+    def _produce(self, i: int, path: str, go, clock: list, window: int, counts: list) -> None:
+        message, offset = self._messages[i]
+        serial = 0
+        sink = None
+        if path in ("raw actor call", "service insert"):
+            sink = RaySink(self._replay if path == "service insert" else self._target, window)
+        pending: collections.deque = collections.deque()
+        go.wait()
+        while serial == 0 or time.perf_counter() < clock[0]:
+            serial += 1
+            message[offset : offset + 12] = b"%012d" % serial
+            if sink is not None:
+                sink.put(message)
+            elif path == "ray.put+get":
+                ray.get(ray.put(message))
+            else:
+                pending.append(self._target.take_ref.remote([ray.put(message)]))
+                while len(pending) > window:
+                    ray.get(pending.popleft())
+        if sink is not None:
+            sink.flush()
+            assert sink.rejected == 0, f"{path}: {sink.rejected} inserts refused"
+        ray.get(list(pending))
+        counts[i] = serial
+
+
+def bench_producers(
+    name: str, spec: tuple, producers: int, seconds: float, window: int, rounds: int
+) -> list[tuple]:
+    """Per-fragment cost of each producer path with `producers` producers in up to 2 processes,
+    interleaved in `rounds` rounds; medians reported."""
+    # A fifo of one: every insert evicts the fragment before, nothing ever blocks.
+    replay = topology.start_replay(ReplayConfig.fifo_queue(1))
+    target = ray.remote(NoopTarget).options(num_cpus=0, max_concurrency=64).remote()
+    processes = min(producers, 2)
+    hosts = [
+        ray.remote(ProducerHost)
+        .options(num_cpus=0)
+        .remote(spec, h, len(range(h, producers, processes)), replay, target)
+        for h in range(processes)
+    ]
+    for path in PRODUCER_PATHS:  # warm-up: first calls import and connect
+        ray.get([h.run.remote(path, 0.2, window) for h in hosts])
+    per_fragment: dict[str, list[float]] = {path: [] for path in PRODUCER_PATHS}
+    for _ in range(rounds):
+        for path in PRODUCER_PATHS:
+            done = ray.get([h.run.remote(path, seconds / rounds, window) for h in hosts])
+            count, elapsed = sum(c for c, _ in done), max(e for _, e in done)
+            per_fragment[path].append(elapsed / count)
+    stats = ray.get(replay.stats.remote())
+    assert stats["inserted"] > 0 and not stats["rejected"], stats
+    for actor in (*hosts, replay, target):
+        ray.kill(actor)
+    base = statistics.median(per_fragment[PRODUCER_PATHS[0]])
+    rows = []
+    for path in PRODUCER_PATHS:
+        cost = statistics.median(per_fragment[path])
+        rows.append((name, str(producers), path, f"{cost * 1e6:,.0f}", f"{cost / base:.1f}"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.5, help="time per path, all rounds")
     parser.add_argument("--window", type=int, default=8, help="actor calls in flight")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per path")
+    parser.add_argument(
+        "--producers", default="1,16,256", help="producer counts of the producer table ('' skips)"
+    )
+    parser.add_argument(
+        "--producer-seconds", type=float, default=6.0, help="time per path, all rounds"
+    )
+    parser.add_argument("--producer-window", type=int, default=2, help="inserts in flight each")
+    parser.add_argument("--skip-single", action="store_true", help="only the producer table")
     args = parser.parse_args()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    # One node started by `ray start` (benchmarks/loopback.py), not an embedded Ray: its start
+    # survives a loaded machine, and every process it starts is ended on the way out.
+    cluster = LoopbackCluster(object_store_bytes=2 * 10**9)
     try:
-        rows = []
-        for name, spec in WORKLOADS.items():
+        cluster.start_head(cpus=4)
+        cluster.connect()
+        rows, producer_rows = [], []
+        for name, spec in WORKLOADS.items() if not args.skip_single else ():
             rows += bench(name, spec, args.seconds, args.window, args.rounds)
+            print(f"{name}: done, load {_load()}", flush=True)
+        for name, spec in PRODUCER_WORKLOADS.items():
+            for producers in [int(p) for p in args.producers.split(",") if p]:
+                producer_rows += bench_producers(
+                    name, spec, producers, args.producer_seconds, args.producer_window, args.rounds
+                )
+                for row in producer_rows[-len(PRODUCER_PATHS) :]:
+                    print("| " + " | ".join(row) + " |", flush=True)
     finally:
         ray.shutdown()
-    print("| workload | path | fragments/s | MB/s | x raw |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+        cluster.stop()
+    if rows:
+        print("| workload | path | fragments/s | MB/s | x raw |")
+        print("| --- | --- | ---: | ---: | ---: |")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        print()
+    if producer_rows:
+        print(f"Per fragment, {args.producer_window} in flight per producer, load {_load()}:")
+        print("| workload | producers | path | us per fragment | x ray.put+get |")
+        print("| --- | ---: | --- | ---: | ---: |")
+        for r in producer_rows:
+            print("| " + " | ".join(r) + " |")
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":
