@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -52,12 +51,14 @@ import ray
 # and `import replay` would find benchmarks/replay.py instead of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.envs import policy_spec, probe_spaces
 from benchmarks.fleet_host import LogicalFleet, LogicalHandle
 from benchmarks.loopback import LoopbackCluster
 from deploy import topology
-from deploy.config import JobConfig, load_config
+from deploy.config import JobConfig, RunConfig, load_config
 from deploy.fleet import ActorState, Fleet
+from deploy.inprocess import job_policy_spec
+from deploy.job import ASK_AHEAD_S, Faults
+from deploy.replay_shards import ReplayShards
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +105,7 @@ class BenchFleet(Fleet):
 
     def _restart(self, actor_id: int) -> None:
         ray.get(self._hosts[actor_id].restart.remote(actor_id), timeout=topology.CALL_TIMEOUT)
+        self._asked.pop(actor_id, None)
         self._forget(actor_id)
         self.restarts += 1
         self._spawn(actor_id)
@@ -123,23 +125,12 @@ class Sample:
 
 
 def start_point(config: JobConfig, num_actors: int, num_hosts: int, workdir: str) -> dict:
-    """Learner, replay service and weight store as `offpg train` starts them, and the hosts."""
-    spec = policy_spec(
-        *probe_spaces(config.env),
-        network=None if config.policy.network == "auto" else config.policy.network,
-        hidden_sizes=config.policy.hidden_sizes,
-    )
-    replay_cfg = dataclasses.replace(
-        config.replay, snapshot_path=str(Path(workdir) / "replay.snapshot")
-    )
-    store = topology.start_store()
-    learner = topology.start_learner(
-        spec, config.learner, str(Path(workdir) / "checkpoints"), None, store, False
-    )
-    node = ray.get(learner.node_id.remote(), timeout=HOST_START_S)
-    replay = topology.start_replay(replay_cfg, node_id=node)
-    ray.get(learner.attach_replay.remote(replay), timeout=topology.CALL_TIMEOUT)
-    info = ray.get(learner.start.remote(), timeout=HOST_START_S)
+    """Weight store, learner and replay shards as `offpg train` starts them
+    (`topology.start_core`), and the hosts of the logical actors."""
+    spec = job_policy_spec(config)
+    snapshot = Path(workdir) / "replay.snapshot"
+    core = topology.start_core(config, spec, str(Path(workdir) / "checkpoints"), str(snapshot))
+    topo = core.topology
     groups = [list(range(h, num_actors, num_hosts)) for h in range(num_hosts)]
     hosts = [
         ray.remote(LogicalFleet)
@@ -149,37 +140,50 @@ def start_point(config: JobConfig, num_actors: int, num_hosts: int, workdir: str
             config.env,
             config.actors,
             spec.to_dict(),
-            replay,
-            store,
+            topo.shards,
+            topo.store,
             config.run.actor_max_inflight,
         )
         for ids in groups
         if ids
     ]
     by_actor = {i: host for host, ids in zip(hosts, groups, strict=False) for i in ids}
-    topo = topology.Topology(replay, store, learner, {}, info["device"])
-    return {"topo": topo, "hosts": hosts, "spec": spec, "by_actor": by_actor}
+    shards = ReplayShards(topo.shards, snapshot, Faults())
+    return {"topo": topo, "hosts": hosts, "spec": spec, "by_actor": by_actor, "shards": shards}
 
 
 def _timed(call: Any) -> tuple[Any, float | None]:
+    """`call()`'s answer and seconds, or (None, None) when it failed or timed out."""
     started = time.perf_counter()
     try:
-        return ray.get(call, timeout=CONTROL_TIMEOUT_S), time.perf_counter() - started
-    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+        return call(), time.perf_counter() - started
+    except (ray.exceptions.RayError, TimeoutError):
         return None, None
 
 
-def drive(fleet: Fleet, topo: topology.Topology, seconds: float, poll_every: float) -> dict:
-    """Poll as the driver does for `seconds`; the samples and the learner's step metrics."""
+def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
+    """Poll as `deploy.job` does for `seconds`: ask the actors `ASK_AHEAD_S` before each poll,
+    then take their answers, drain the learner and poll the replay shards; the poll's time is
+    the driver's own work (as `driver/poll_ms`), not its sleeps."""
+    topo, shards = point["topo"], point["shards"]
     samples: list[Sample] = []
     steps: list[Any] = []
     t0 = time.monotonic()
     while (now := time.monotonic() - t0) < seconds:
+        time.sleep(max(poll_every - ASK_AHEAD_S, 0.0))
         started = time.perf_counter()
-        fleet.poll()
-        poll_s = time.perf_counter() - started
-        drained, _ = _timed(topo.learner.drain.remote({"env_steps": fleet.env_steps}))
-        stats, stats_s = _timed(topo.replay.stats.remote())
+        fleet.ask()
+        busy = time.perf_counter() - started
+        time.sleep(max(t0 + now + poll_every - time.monotonic(), 0.0))
+        started = time.perf_counter()
+        fleet.take_ready()
+        counters = {"env_steps": fleet.env_steps}
+        drained, _ = _timed(
+            lambda c=counters: ray.get(topo.learner.drain.remote(c), timeout=CONTROL_TIMEOUT_S)
+        )
+        stats, stats_s = _timed(lambda: shards.poll(fleet.acknowledged_by_shard()))
+        poll_s = busy + time.perf_counter() - started
+        now = time.monotonic() - t0
         if drained is not None:
             steps += [(now, m) for m in drained["steps"]]
         samples.append(
@@ -193,7 +197,6 @@ def drive(fleet: Fleet, topo: topology.Topology, seconds: float, poll_every: flo
                 env_steps=fleet.env_steps,
             )
         )
-        time.sleep(max(0.0, poll_every - (time.monotonic() - t0 - now)))
     return {"samples": samples, "steps": steps, "seconds": time.monotonic() - t0}
 
 
@@ -282,6 +285,9 @@ def run_point(config: JobConfig, num_actors: int, shards: int, args: argparse.Na
     seconds = args.big_seconds if num_actors >= 256 else args.seconds
     print(f"fleet: {num_actors} actors, {shards} shard(s), {seconds:g} s ...", flush=True)
     load_before = os.getloadavg()
+    config = dataclasses.replace(
+        config, replay=dataclasses.replace(config.replay, num_shards=shards)
+    )
     with tempfile.TemporaryDirectory(prefix="offpg-fleet-") as workdir:
         point = start_point(config, num_actors, args.hosts, workdir)
         topo, hosts = point["topo"], point["hosts"]
@@ -290,13 +296,13 @@ def run_point(config: JobConfig, num_actors: int, shards: int, args: argparse.Na
         print(f"  {num_actors} actors built in {time.monotonic() - built:.0f} s", flush=True)
         fleet = BenchFleet(topo, config, point["spec"], point["by_actor"])
         t0 = time.monotonic()
-        run = drive(fleet, topo, seconds, args.poll_every)
+        run = drive(fleet, point, seconds, args.poll_every)
         run["t0"] = t0
         probes: dict = {}
         for part in ray.get([h.measurements.remote() for h in hosts], timeout=HOST_START_S):
             probes.update(part)
         stopped = ray.get([h.stop_all.remote() for h in hosts], timeout=HOST_START_S)
-        final, _ = _timed(topo.replay.stats.remote())
+        final, _ = _timed(lambda: point["shards"].poll(fleet.acknowledged_by_shard()))
         final = final or {}
         kill_point(topo, hosts)
     result = summarise(
@@ -319,7 +325,7 @@ def run_point(config: JobConfig, num_actors: int, shards: int, args: argparse.Na
 
 def kill_point(topo: topology.Topology, hosts: list) -> None:
     """Kill a point's Ray actors (its learner, replay service, weight store, hosts)."""
-    for handle in (*hosts, topo.learner, topo.replay, topo.store):
+    for handle in (*hosts, topo.learner, *topo.shards, topo.store):
         with contextlib.suppress(ray.exceptions.RayError):
             ray.kill(handle, no_restart=True)
 
@@ -388,13 +394,6 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def shards_supported() -> int:
-    """The most replay shards this build can start (1 until `replay.num_shards` exists)."""
-    from replay.config import ReplayConfig
-
-    return 64 if "num_shards" in {f.name for f in dataclasses.fields(ReplayConfig)} else 1
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 actors for 60 s only")
@@ -404,7 +403,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=120.0, help="per point below 256")
     parser.add_argument("--big-seconds", type=float, default=300.0, help="per point of 256+")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds left out of rates")
-    parser.add_argument("--poll-every", type=float, default=1.0, help="driver poll interval")
+    parser.add_argument(
+        "--poll-every", type=float, default=RunConfig().log_every, help="driver poll interval"
+    )
     parser.add_argument("--nodes", type=int, default=1, help="worker nodes for the hosts")
     parser.add_argument("--hosts", type=int, default=2, help="processes hosting the actors")
     parser.add_argument("--set", action="append", default=[], help="section.key=value")
@@ -416,20 +417,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     path, overrides = OBS[args.obs]
     config = load_config(path, [*overrides, *args.set])
-    available = shards_supported()
-    skipped = [s for s in args.shards if s > available]
-    shard_list = [s for s in args.shards if s <= available]
-    if skipped:
-        print(f"fleet: replay shards {skipped} not available in this build (no replay.num_shards)")
-    signal.signal(signal.SIGTERM, _sigterm)
     per_node = 150_000_000 if args.obs == "cartpole" else 1_500_000_000
     cluster = LoopbackCluster(object_store_bytes=per_node)
     results: list[dict] = []
@@ -439,22 +430,17 @@ def main(argv: list[str] | None = None) -> None:
         for node in range(args.nodes):
             hosts_here = len(range(node, args.hosts, args.nodes))
             cluster.add_worker(cpus=0, resources={"fleet_host": hosts_here})
-        for shards in shard_list:
+        for shards in args.shards:
             for num_actors in args.actors:
-                point_config = config
-                if shards > 1:
-                    point_config = dataclasses.replace(
-                        config, replay=dataclasses.replace(config.replay, num_shards=shards)
-                    )
-                results.append(run_point(point_config, num_actors, shards, args))
+                results.append(run_point(config, num_actors, shards, args))
     finally:
         if ray.is_initialized():
             ray.shutdown()
         cluster.stop()
-    write(results, args, skipped)
+    write(results, args)
 
 
-def write(results: list[dict], args: argparse.Namespace, skipped: list[int]) -> None:
+def write(results: list[dict], args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     name = "fleet_quick" if args.quick else "fleet"
     header = (
@@ -463,7 +449,6 @@ def write(results: list[dict], args: argparse.Namespace, skipped: list[int]) -> 
         f"worker node(s) on loopback, {args.hosts} host processes; load average (1 min) before "
         "each point: "
         + ", ".join(f"{r['actors']}x{r['shards']}: {r['load_before'][0]}" for r in results)
-        + (f"; shards {skipped} not available in this build" if skipped else "")
         + "\n\n"
     )
     (RESULTS / f"{name}.md").write_text(header + table(results) + "\n")

@@ -152,7 +152,8 @@ class TimedWeights:
 
 
 class LogicalFleet:
-    """Hosts the logical actors `actor_ids`; Ray runs it as a threaded actor (see fleet.py)."""
+    """Hosts the logical actors `actor_ids`, each inserting into its replay shard (of `shards`);
+    Ray runs it as a threaded actor (see fleet.py)."""
 
     def __init__(
         self,
@@ -160,25 +161,26 @@ class LogicalFleet:
         env: EnvConfig,
         actors: ActorConfig,
         spec: dict,
-        replay: Any,
+        shards: list[Any],
         store: Any,
         max_inflight: int,
     ):
-        self._args = (env, actors, spec, replay, store, max_inflight)
+        self._args = (env, actors, spec, shards, store, max_inflight)
         self._probes = {i: Probe() for i in actor_ids}
         self._workers = {i: self._build(i) for i in actor_ids}
         #: Final stats of the incarnations restarted (the driver restarts a dead actor).
         self._retired: list[dict] = []
 
     def _build(self, actor_id: int) -> RolloutWorker:
-        env, actors, spec, replay, store, max_inflight = self._args
+        env, actors, spec, shards, store, max_inflight = self._args
         probe = self._probes[actor_id]
         worker = RolloutWorker(
             actor_id,
             env,
             actors,
             spec,
-            TimedReplay(replay, probe),
+            # Its replay shard, as `deploy.topology.Topology.shard_of` picks it.
+            TimedReplay(shards[actor_id % len(shards)], probe),
             CountedStore(store, probe),
             max_inflight,
         )

@@ -75,6 +75,9 @@ class LoopbackCluster:
         self.gcs_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.nodes: list[subprocess.Popen] = []
+        # SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so the caller's `finally` (or
+        # `with`) stops the cluster; by default it would end this process and leave the nodes.
+        signal.signal(signal.SIGTERM, _interrupt)
 
     def __enter__(self) -> LoopbackCluster:
         return self
@@ -83,9 +86,8 @@ class LoopbackCluster:
         self.stop()
 
     def connect(self) -> None:
-        """`ray.init` this process as the cluster's driver. SIGTERM then raises
-        KeyboardInterrupt, as Ctrl-C does, so the caller's `finally` stops the cluster (Ray's own
-        handler, installed by `ray.init`, would end the process at once)."""
+        """`ray.init` this process as the cluster's driver, keeping SIGTERM's handler (`ray.init`
+        installs one that ends the process at once)."""
         import ray
 
         ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
