@@ -22,11 +22,13 @@ learner, the replay service and the weight store, and `--nodes` worker nodes wit
 
 It reports per point, over the window after `--warmup` s: inserts/s and MB/s into replay,
 fragments/s sampled out, p50/p99 insert latency (submission to the replay's reply), p50/p99
-weight-sync latency and store calls per sync, the driver's poll time p50/p99, the replay's
+weight-sync latency and store calls per sync, the driver's poll time p50/p99 (and the part of
+it spent on the actors: asking them all and taking the answers back), the replay's
 `stats` call p99 (a control call), the policy lag the learner saw, stalls (each 10 s or more
 without a learner step, from the moment all actors run), and fragments lost without being
 counted (sent by an actor, neither in the replay's `inserted` nor counted as refused by the
-actor). It writes `results/fleet.md`, `fleet.json` and `fleet.png` (`fleet_quick.*` with
+actor). Under the table, issue 11's targets, each met or MISSED with its figure. It writes
+`results/fleet.md`, `fleet.json` and `fleet.png` (`fleet_quick.*` with
 `--quick`: 64 actors for 60 s); the last line printed is `FLEET {json}` for the largest point.
 Every process the cluster started is ended on the way out, also on Ctrl-C.
 """
@@ -117,6 +119,7 @@ class Sample:
 
     t: float  # seconds since all actors started
     poll_s: float
+    fleet_s: float  # the part of it spent on the actors (ask, take the answers)
     stats_s: float | None  # None: the replay's stats call timed out
     version: int | None  # None: the learner's drain call timed out
     inserted: int | None
@@ -177,6 +180,7 @@ def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
         time.sleep(max(t0 + now + poll_every - time.monotonic(), 0.0))
         started = time.perf_counter()
         fleet.take_ready()
+        fleet_s = busy + time.perf_counter() - started
         counters = {"env_steps": fleet.env_steps}
         drained, _ = _timed(
             lambda c=counters: ray.get(topo.learner.drain.remote(c), timeout=CONTROL_TIMEOUT_S)
@@ -190,6 +194,7 @@ def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
             Sample(
                 t=now,
                 poll_s=poll_s,
+                fleet_s=fleet_s,
                 stats_s=stats_s,
                 version=drained["version"] if drained else None,
                 inserted=stats["inserted"] if stats else None,
@@ -252,6 +257,8 @@ def summarise(run: dict, probes: dict, final: dict, accounts: dict, warmup: floa
         "sync_calls_max": max((x[2] for x in syncs), default=None),
         "poll_ms_p50": pct([s.poll_s for s in samples if s.t >= warmup], 50),
         "poll_ms_p99": pct([s.poll_s for s in samples if s.t >= warmup], 99),
+        "poll_fleet_ms_p50": pct([s.fleet_s for s in samples if s.t >= warmup], 50),
+        "poll_fleet_ms_p99": pct([s.fleet_s for s in samples if s.t >= warmup], 99),
         "stats_ms_p99": pct([s.stats_s for s in window if s.stats_s is not None], 99),
         "control_timeouts": sum(s.stats_s is None or s.version is None for s in samples),
         "lag_mean": float(np.mean([m.lag_mean for m in steps])) if steps else None,
@@ -340,10 +347,11 @@ def table(results: list[dict]) -> str:
 
     lines = [
         "| actors | shards | inserts/s | MB/s | samples/s | insert ms p50 / p99 | "
-        "sync ms p50 / p99 | calls per sync | poll ms p50 / p99 | stats ms p99 | "
+        "sync ms p50 / p99 | calls per sync | poll ms p50 / p99 | actors' part p50 / p99 | "
+        "stats ms p99 | "
         "lag mean / max | held back | stalls (longest s) | lost uncounted | restarts |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
@@ -353,6 +361,8 @@ def table(results: list[dict]) -> str:
             f"| {cell(r['sync_ms_p50'], '{:,.1f}')} / {cell(r['sync_ms_p99'], '{:,.1f}')} "
             f"| {cell(r['sync_calls_per_sync'], '{:.2f}')} "
             f"| {cell(r['poll_ms_p50'])} / {cell(r['poll_ms_p99'])} "
+            f"| {cell(r['poll_fleet_ms_p50'], '{:,.1f}')} / "
+            f"{cell(r['poll_fleet_ms_p99'], '{:,.1f}')} "
             f"| {cell(r['stats_ms_p99'])} "
             f"| {cell(r['lag_mean'], '{:.1f}')} / {cell(r['lag_max'], '{}')} "
             f"| {r['backpressure_frac']:.0%} "
@@ -437,7 +447,45 @@ def main(argv: list[str] | None = None) -> None:
         if ray.is_initialized():
             ray.shutdown()
         cluster.stop()
-    write(results, args)
+        if results:  # the points done, also when a later one failed
+            write(results, args)
+
+
+def targets(results: list[dict]) -> list[str]:
+    """Issue 11's targets, each met or MISSED with the figure measured, per replay shard count:
+    the largest fleet against the smallest."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    lines = []
+    for shards in sorted({r["shards"] for r in results}):
+        rows = sorted((r for r in results if r["shards"] == shards), key=lambda r: r["actors"])
+        small, big = rows[0], rows[-1]
+        at = f"{big['actors']} actors, {shards} shard(s)"
+        clean = big["stalls"] == 0 and big["lost_uncounted"] == 0
+        lines.append(
+            f"{at}, {big['seconds']:g} s: {big['stalls']} stalls, {big['lost_uncounted']} "
+            f"fragments lost uncounted (target: 0 and 0 over 300 s): "
+            f"**{verdict(clean and big['seconds'] >= 300)}**"
+        )
+        if big is not small and small["inserts_per_s"]:
+            ratio = big["inserts_per_s"] / small["inserts_per_s"]
+            lines.append(
+                f"{at}: inserts/s {big['inserts_per_s']:,.1f} = {ratio:.0%} of "
+                f"{small['inserts_per_s']:,.1f} at {small['actors']} (target >= 80%): "
+                f"**{verdict(ratio >= 0.8)}**"
+            )
+        poll = big["poll_ms_p99"] if big["poll_ms_p99"] is not None else float("inf")
+        lines.append(
+            f"{at}: driver poll p99 {poll:,.0f} ms (target <= 20 ms): **{verdict(poll <= 20)}**"
+        )
+        calls = max((r["sync_calls_max"] or 0) for r in rows)
+        lines.append(
+            f"{shards} shard(s): at most {calls} store call(s) per weight sync at any fleet size "
+            f"(target <= 1): **{verdict(calls <= 1)}**"
+        )
+    return lines
 
 
 def write(results: list[dict], args: argparse.Namespace) -> None:
@@ -451,11 +499,12 @@ def write(results: list[dict], args: argparse.Namespace) -> None:
         + ", ".join(f"{r['actors']}x{r['shards']}: {r['load_before'][0]}" for r in results)
         + "\n\n"
     )
-    (RESULTS / f"{name}.md").write_text(header + table(results) + "\n")
+    verdicts = "\n".join(f"- {line}" for line in targets(results))
+    (RESULTS / f"{name}.md").write_text(header + table(results) + "\n\n" + verdicts + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     if results:
         plot(results, RESULTS / f"{name}.png")
-    print(table(results))
+    print(table(results) + "\n\n" + verdicts)
     if results:
         big = max(results, key=lambda r: (r["actors"], r["shards"]))
         print("FLEET " + json.dumps({k: _round(v) for k, v in big.items()}, default=str))

@@ -225,7 +225,7 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 
 #: Niceness of a node's own processes while it starts (negative needs root; else the default).
-START_NICENESS = -5
+START_NICENESS = -10
 
 
 def _interrupt(signum: int, frame: object) -> None:
