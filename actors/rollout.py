@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from typing import Protocol, runtime_checkable
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 #: After this many env failures in a row without one completed fragment the actor gives up
 #: (raises), and whoever supervises it decides what next.
 MAX_CONSECUTIVE_ENV_ERRORS = 5
+#: Seconds between an actor's first checks for the learner's first weights: doubling from the
+#: first to the second (`RolloutActor.run`).
+_FIRST_WEIGHTS_POLL_S = (0.002, 0.1)
 
 
 #: Upper bounds of an actor's sizes: envs stepped together, steps per fragment.
@@ -200,6 +204,8 @@ class RolloutActor:
         self._nonce = uuid.uuid4().hex[:8]
         self._version = -1
         self._since_sync = 0
+        #: When `run` began stepping (`time.time()`); None before.
+        self.stepping_since: float | None = None
         self._lock = threading.Lock()  # guards the counters below, read by stats()
         self._env_steps = 0
         self._fragments = 0
@@ -276,8 +282,17 @@ class RolloutActor:
             self._invalid_fragments += 1
 
     def run(self, stop: threading.Event) -> None:
-        """Collect until `stop` is set, then flush the sink (every collected fragment is sent)."""
+        """Collect until `stop` is set, then flush the sink (every collected fragment is sent).
+
+        An actor that holds no published weights yet (started before the learner's first
+        publish) first waits for them, so that every fragment it sends was acted by the version
+        it carries; `stepping_since` is when it then began stepping (`time.time()`).
+        """
         try:
+            delay = _FIRST_WEIGHTS_POLL_S[0]
+            while self._version < 0 and not self._sync() and not stop.wait(delay):
+                delay = min(delay * 2, _FIRST_WEIGHTS_POLL_S[1])
+            self.stepping_since = time.time()
             while not stop.is_set():
                 self.collect()
         finally:

@@ -84,7 +84,8 @@ def child_offpg(seed: int, budget: int, actors: int) -> None:
     import ray
 
     from deploy.config import load_config
-    from deploy.job import ray_cpus, train
+    from deploy.job import train
+    from deploy.session import ray_cpus
 
     logdir = tempfile.mkdtemp(prefix="offpg-peers-")
     config = load_config(

@@ -118,6 +118,11 @@ class RunConfig:
         "", "Ray address to connect to ('' starts an embedded Ray)", max_len=1024
     )
     resume: bool = setting(False, "continue the run from its latest checkpoint and replay snapshot")
+    dashboard: bool = setting(
+        False,
+        "start the Ray dashboard with the embedded Ray (web UI and state API on localhost:8265); "
+        "offpg status | scale | stop do not need it",
+    )
 
     def __post_init__(self) -> None:
         check(self)

@@ -43,6 +43,8 @@ class Orders:
     desired_actors: int
     stop: bool
     stop_reason: str
+    #: Clients blocked in `wait_stopped` (`offpg stop`) when the status was published.
+    waiting_for_stop: int = 0
 
 
 class Controller:
@@ -58,6 +60,7 @@ class Controller:
         self._status: dict[str, Any] = {"run": run, "state": "starting"}
         self._published_at = time.time()
         self._final: dict[str, Any] | None = None
+        self._waiting = 0  # calls blocked in wait_stopped
 
     # -- the driver's side ---------------------------------------------------------------------
 
@@ -69,7 +72,7 @@ class Controller:
             if status.get("state") == "stopped":
                 self._final = dict(status)
             self._published.notify_all()
-            return Orders(self._desired, self._stop, self._stop_reason)
+            return Orders(self._desired, self._stop, self._stop_reason, self._waiting)
 
     # -- the command line's side ---------------------------------------------------------------
 
@@ -102,12 +105,16 @@ class Controller:
         """Block up to `timeout` s for the driver's final status (None when it did not come)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._final is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._published.wait(left)
-            return dict(self._final)
+            self._waiting += 1
+            try:
+                while self._final is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._published.wait(left)
+                return dict(self._final)
+            finally:
+                self._waiting -= 1
 
 
 # -- client helpers (used by deploy.commands) --------------------------------------------------

@@ -26,6 +26,7 @@ import ray
 
 from deploy import topology
 from deploy.config import JobConfig
+from deploy.timeline import Timeline
 from learner.policy import PolicySpec
 
 #: Episodes the target return is averaged over (CartPole-v1's "solved" definition).
@@ -141,9 +142,11 @@ class Fleet:
         config: JobConfig,
         spec: PolicySpec,
         restored_env_steps: int = 0,
+        timeline: Timeline | None = None,
     ):
         self._topo = topo
         self._config, self._spec = config, spec
+        self._timeline = timeline  # where the actors' first env step and fragment are noted
         self.state: dict[int, ActorState] = {}
         #: Counts of the actors retired or restarted (and the env steps of a resumed run).
         self.retired = ActorCounters(env_steps=restored_env_steps)
@@ -309,6 +312,13 @@ class Fleet:
         state.counters = ActorCounters.from_stats(stats)
         state.policy_version = int(stats["policy_version"])
         self.episodes.add(stats["episode_returns"], stats["episode_lengths"])
+        if self._timeline is not None:
+            for moment, key in (
+                ("first_env_step", "stepping_since"),
+                ("first_fragment", "first_fragment_at"),
+            ):
+                if stats.get(key) is not None:
+                    self._timeline.mark(moment, stats[key])
 
     def notice_pending(self) -> None:
         """Say, at most every `PENDING_NOTICE_S`, how many actors wait for CPUs and why."""

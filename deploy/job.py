@@ -14,8 +14,6 @@ the logs and shuts down the Ray it started.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,23 +22,24 @@ from typing import Any
 
 import ray
 
-from deploy import report, topology
+from deploy import report, session, topology
 from deploy.config import ConfigError, JobConfig, RunConfig
-from deploy.controller import Orders, TokenRefused, check_token
+from deploy.controller import Orders
 from deploy.fleet import Fleet
 from deploy.inprocess import job_policy_spec
 from deploy.replay_shards import ReplayShards, stray_snapshots
 from deploy.report import Reporter, RunSummary, Stop
+from deploy.timeline import MOMENTS, Timeline
 from learner import checkpoint
 
 #: Seconds the learner may stay unreachable (Ray restarting it) before the run fails.
 LEARNER_RESTART_TIMEOUT_S = 180.0
-#: Seconds before each full poll (every `run.log_every` s) that the actors are asked for their
-#: stats (one call each, not waited for): their answers are back when the poll takes them.
-ASK_AHEAD_S = 0.5
-#: From then until the poll, the driver takes the answers that came back this often (asking
-#: nothing) and checks the target return: a solved run ends within ~0.25 s of the answers.
+#: Between the full polls (every `run.log_every` s) the driver takes the actors' stats answers
+#: this often and asks again those that answered (one stats call in flight per actor): the
+#: target return or the step budget is seen within about this long of an actor's report.
 SOLVE_CHECK_S = 0.25
+#: Seconds the controller lives on after the final status when `offpg stop` waits for it.
+STOP_ANSWER_S = 0.5
 
 
 def run_name(config: JobConfig) -> str:
@@ -48,18 +47,6 @@ def run_name(config: JobConfig) -> str:
         return config.run.name
     env = config.env.id.replace("/", "-").replace(":", "-")
     return f"{env}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def ray_cpus(config: JobConfig) -> int:
-    """Logical CPUs for the embedded Ray: every actor's reservation plus the learner's.
-
-    Ray schedules by logical CPUs, so an actor asking for more than the cluster has would wait
-    forever without a word; this gives the embedded Ray enough for what the job starts.
-    """
-    if config.run.num_cpus:
-        return config.run.num_cpus
-    need = math.ceil(config.run.num_actors * config.run.actor_cpus) + 1
-    return max(need, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass
@@ -78,8 +65,9 @@ class Faults:
 class Job:
     """A training job: its run directory, its Ray actors, and the faults it recovered from."""
 
-    def __init__(self, config: JobConfig):
+    def __init__(self, config: JobConfig, timeline: Timeline | None = None):
         self.config = config
+        self.timeline = Timeline() if timeline is None else timeline
         self.name = run_name(config)
         self.run_dir = Path(config.run.logdir) / self.name
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -131,13 +119,23 @@ class Job:
         core = topology.start_core(
             cfg, self.spec, str(self.checkpoint_dir), str(self.snapshot_path)
         )
-        info = core.learner_info
+        core.first_calls["controller_ready"] = [self.controller.__ray_ready__.remote()]
+        self.topology = core.topology
+        # The actors start with the rest; they act once the learner has published its weights.
+        self.fleet = Fleet(self.topology, cfg, self.spec, timeline=self.timeline)
+        self.fleet.scale(cfg.run.num_actors)
+        first = core.wait(lambda name: name in MOMENTS and self.timeline.mark(name))
+        info = first["learner_ready"][0]
         if cfg.run.resume and info["restored"] is None:  # its node does not see the checkpoints
-            ray.kill(core.topology.learner, no_restart=True)  # before it writes one over the run's
+            self._abandon()  # the learner is killed before it writes one over the run's
             raise ConfigError(
                 "run.resume", f"the learner found no readable checkpoint in {self.checkpoint_dir}"
             )
-        self.topology, self.placement = core.topology, core.placement
+        self.topology.learner_device = info["device"]
+        self.placement = {
+            "learner_node": first["learner_node"][0],
+            "replay_nodes": first["replay_nodes"],
+        }
         self.replay = ReplayShards(self.topology.shards, self.snapshot_path, self.faults)
         self.version = info["version"]
         restored_steps = info["counters"].get("env_steps", 0) if info["restored"] is not None else 0
@@ -148,7 +146,7 @@ class Job:
             else f"offpg: run {self.name} starts from scratch",
             flush=True,
         )
-        self.fleet = Fleet(self.topology, cfg, self.spec, int(restored_steps))
+        self.fleet.retired.env_steps += int(restored_steps)
         replay_stats = self.poll_replay()
         if replay_stats["restored_fragments"] or replay_stats["restore_errors"]:
             errors = "; ".join(replay_stats["restore_errors"])
@@ -158,7 +156,15 @@ class Job:
                 + (f" ({errors})" if errors else ""),
                 flush=True,
             )
-        self.fleet.scale(cfg.run.num_actors)
+
+    def _abandon(self) -> None:
+        """End a start that must not go on: the learner first (no checkpoint written), then
+        the actors, the replay shards (no snapshot) and the weight store."""
+        topo, self.topology = self.topology, None
+        ray.kill(topo.learner, no_restart=True)
+        self.fleet.stop()
+        for handle in (*topo.shards, topo.store):
+            ray.kill(handle, no_restart=True)
 
     def poll_replay(self) -> dict[str, Any]:
         """Every replay shard's stats, merged, after counting shard restarts."""
@@ -215,38 +221,46 @@ class Job:
             return None
 
     def stop(self) -> dict:
-        """Stop actors (last fragments sent), then the learner (final checkpoint), snapshot
-        every replay shard."""
+        """Stop the actors (last fragments sent), then at once the learner (final checkpoint,
+        with the final env-step count) and every replay shard (snapshot)."""
         if self.fleet is not None:
             self.fleet.stop()
+        learner = self.topology.learner
+        counters = {"env_steps": self.env_steps}
+        stopping = learner.stop.remote(counters)
         try:
-            return stop_learner(self.topology.learner, {"env_steps": self.env_steps})
-        finally:
-            # Whatever became of the learner, the replay's contents are kept for --resume.
+            # Whatever becomes of the learner, the replay's contents are kept for --resume; the
+            # shards write them while the learner writes its final checkpoint.
             self.replay.snapshot_all()
+        finally:
+            final = stop_learner(learner, counters, call=stopping)
+        return final
 
     def finish_controller(self, reason: str, final: dict) -> None:
         """Tell whoever waits in `offpg stop` how the run ended, then end the controller."""
         try:
-            ray.get(
+            orders = ray.get(
                 self.controller.publish.remote(report.stopped_status(self, reason, final)),
                 timeout=5.0,
             )
-            # Give `offpg stop` (blocked in wait_stopped) a moment to receive its answer.
-            time.sleep(0.5)
+            if orders.waiting_for_stop:
+                # The publish woke them; give their answers a moment to leave the controller.
+                time.sleep(STOP_ANSWER_S)
         except (ray.exceptions.RayError, TimeoutError):
             pass
         ray.kill(self.controller, no_restart=True)
 
 
-def stop_learner(learner: Any, counters: dict[str, int], timeout: float = 0.0) -> dict:
+def stop_learner(
+    learner: Any, counters: dict[str, int], timeout: float = 0.0, call: Any = None
+) -> dict:
     """The learner's final metrics after its `stop` (the final checkpoint); `{}` when it does not
     answer within `timeout` seconds (default `2 * CALL_TIMEOUT`), logged: the newest periodic
-    checkpoint is then the one to resume from."""
+    checkpoint is then the one to resume from. `call`: the `stop` call, when already made."""
     timeout = timeout or topology.CALL_TIMEOUT * 2
     try:
         try:
-            return ray.get(learner.stop.remote(counters), timeout=timeout)
+            return ray.get(call or learner.stop.remote(counters), timeout=timeout)
         except ray.exceptions.RayActorError:
             # Killed just now: Ray restarts it from its checkpoint; that one writes the last.
             return ray.get(learner.stop.remote(counters), timeout=timeout)
@@ -267,23 +281,41 @@ def train(config: JobConfig, on_poll: OnPoll | None = None) -> RunSummary:
     """Run a training job to its budget, its target or Ctrl-C; see the module docstring.
 
     `on_poll(job)`, when given, runs after every poll (fault-injection tests and
-    `benchmarks/chaos.py` kill components from it); a true result stops the run.
+    `benchmarks/chaos.py` kill components from it); a true result stops the run. The summary is
+    printed before Ray is shut down, and summary.json written again after, with the `exit`
+    moment of its timeline (`deploy.timeline`).
     """
-    job = Job(config)
-    owns_ray = _init_ray(config)
+    timeline = Timeline()
+    timeline.mark("train_called")
+    job = Job(config, timeline)
+    owns_ray = session.start(config)
+    timeline.mark("ray_started")
     started_at = time.monotonic()
     reporter: Reporter | None = None
     stop = Stop("stopped")
+    final: dict = {}
     try:
-        job.start()
-        reporter = Reporter(job, started_at)
-        stop = _drive(job, reporter, on_poll)
-    except KeyboardInterrupt:
-        stop = Stop("interrupted")
+        try:
+            job.start()
+            reporter = Reporter(job, started_at)
+            stop = _drive(job, reporter, on_poll)
+        except KeyboardInterrupt:
+            stop = Stop("interrupted")
+        finally:
+            timeline.mark("stop_seen")
+            final = _stop_job(job, reporter)
+            timeline.mark("stopped")
+        summary = report.summarise(job, stop, final, time.monotonic() - started_at)
+        summary.save(job.run_dir)
+        timeline.mark("summary")
     finally:
-        final = _shut_down(job, reporter, stop.reason, owns_ray)
-    summary = report.summarise(job, stop, final, time.monotonic() - started_at)
-    summary.save(job.run_dir)
+        if job.controller is not None:
+            job.finish_controller(stop.reason, final)
+        if owns_ray:
+            session.shut_down(config)
+    timeline.mark("exit")
+    summary.timeline = timeline.seconds()
+    summary.write(job.run_dir)
     return summary
 
 
@@ -299,6 +331,8 @@ def _drive(job: Job, reporter: Reporter, on_poll: OnPoll | None) -> Stop:
             continue
         if learner["error"]:
             return Stop(f"learner failed: {learner['error']}", ok=False)
+        if learner.get("first_step_at") is not None:
+            job.timeline.mark("first_learner_step", learner["first_step_at"])
         job.version = learner["version"]
         replay = job.poll_replay()
         # The driver's own time for this poll: asking the actors, taking their answers, the
@@ -326,63 +360,37 @@ def _drive(job: Job, reporter: Reporter, on_poll: OnPoll | None) -> Stop:
 
 
 def _wait_for_poll(fleet: Fleet, run: RunConfig) -> float:
-    """Sleep until the next full poll, `run.log_every` s, asking the actors for their stats
-    `ASK_AHEAD_S` before it; earlier once the answers taken show the target return. Returns
-    the seconds spent asking and taking (the driver's work, not its sleep)."""
+    """Sleep until the next full poll, `run.log_every` s, taking the actors' stats answers every
+    `SOLVE_CHECK_S` and asking those that answered again; earlier once the answers show the
+    target return or the env-step budget reached. Returns the seconds spent asking and taking
+    (the driver's work, not its sleep)."""
     deadline = time.monotonic() + run.log_every
-    time.sleep(max(run.log_every - ASK_AHEAD_S, 0.0))
-    start = time.perf_counter()
-    fleet.ask()
-    busy = time.perf_counter() - start
-    if run.target_return is None:
-        time.sleep(max(deadline - time.monotonic(), 0.0))
-        return busy
+    busy = 0.0
     while (remaining := deadline - time.monotonic()) > 0:
+        start = time.perf_counter()
+        fleet.ask()
+        busy += time.perf_counter() - start
         time.sleep(min(remaining, SOLVE_CHECK_S))
         start = time.perf_counter()
         fleet.take_ready()
         busy += time.perf_counter() - start
-        if fleet.episodes.reached(run.target_return):
+        if fleet.episodes.reached(run.target_return) or fleet.env_steps >= run.max_env_steps:
             break
     return busy
 
 
-def _init_ray(config: JobConfig) -> bool:
-    """Start or join Ray unless this process runs one already; whether the job owns it.
-
-    A Ray this process already runs (a notebook, a test session) is used as it is and left
-    running; otherwise the job starts (or connects to) its own and shuts it down at the end.
-    A job submitted to a cluster (`offpg launch`, `ray job submit`, a KubeRay RayJob) finds
-    the cluster in RAY_ADDRESS.
-    """
-    if ray.is_initialized():
-        return False
-    address = config.run.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        try:
-            check_token(address)
-        except TokenRefused as exc:
-            raise ConfigError("run.address", str(exc)) from None
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=ray_cpus(config), include_dashboard=False, log_to_driver=True)
-    return True
-
-
-def _shut_down(job: Job, reporter: Reporter | None, reason: str, owns_ray: bool) -> dict:
-    """Every exit path: stop the actors and the learner (its `final` answer, returned), close
-    the logs, tell the controller how the run ended, and shut down the Ray the job started."""
+def _stop_job(job: Job, reporter: Reporter | None) -> dict:
+    """Every exit path: stop the actors and the learner (its `final` answer, returned) and
+    close the logs."""
     final: dict = {}
     try:
         if reporter is not None:
             reporter.end_progress()
         if job.topology is not None:
             final = job.stop()
+            if final.get("first_step_at") is not None:
+                job.timeline.mark("first_learner_step", final["first_step_at"])
     finally:
         if reporter is not None:
             reporter.close()
-        if job.controller is not None:
-            job.finish_controller(reason, final)
-        if owns_ray:
-            ray.shutdown()
     return final

@@ -43,6 +43,8 @@ class RunSummary:
     replay_restarts: int = 0
     learner_restarts: int = 0
     lost_fragments: int = 0
+    #: Seconds since the command of each moment of the run (`deploy.timeline.MOMENTS`).
+    timeline: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def line(self) -> str:
         solved = (
@@ -66,9 +68,30 @@ class RunSummary:
             "restart(s)"
         )
 
+    def timeline_line(self) -> str:
+        """Where the seconds before the first learner step and after the stop went."""
+        names = {
+            "ray_started": "Ray up",
+            "learner_ready": "learner",
+            "first_env_step": "first env step",
+            "first_learner_step": "first learner step",
+            "stop_seen": "stop seen",
+            "stopped": "stopped",
+        }
+        moments = [
+            f"{text} {self.timeline[m]:.1f}" for m, text in names.items() if m in self.timeline
+        ]
+        return "offpg: seconds since the command: " + ", ".join(moments)
+
     def save(self, run_dir: Path) -> None:
-        """Print the summary line and write summary.json into `run_dir` (when it exists)."""
+        """Print the summary and timeline lines and write summary.json into `run_dir`."""
         print(self.line(), flush=True)
+        if self.timeline:
+            print(self.timeline_line(), flush=True)
+        self.write(run_dir)
+
+    def write(self, run_dir: Path) -> None:
+        """Write summary.json into `run_dir` (when it exists)."""
         if run_dir.is_dir():
             (run_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(self), indent=1))
 
@@ -102,6 +125,7 @@ def summarise(job: Job, stop: Stop, final: dict[str, Any], wall_s: float) -> Run
         replay_restarts=job.faults.replay_restarts,
         learner_restarts=job.faults.learner_restarts,
         lost_fragments=job.faults.lost_fragments,
+        timeline=job.timeline.seconds(),
     )
 
 

@@ -2,20 +2,28 @@
 
 `actors/`, `learner/` and `replay/` know nothing of Ray placement; here each gets its resources:
 the learner a GPU when it wants CUDA and the cluster has one, the replay shards and weight
-store no CPU reservation (they mostly wait on I/O), every replay shard the learner's node (hard
-node affinity), each rollout actor `run.actor_cpus`, spread across the nodes, and the run's
-named controller (`deploy.controller`) no resources, on the driver's node. The actor classes
-live in `deploy.workers`, one module per kind of process, so that each process imports only
-what it needs.
+store no CPU reservation (they mostly wait on I/O), every replay shard the learner's
+placement-group bundle (so the learner's node), each rollout actor `run.actor_cpus`, spread
+across the nodes, and the run's named controller (`deploy.controller`) no resources, on the
+driver's node. The actor classes live in `deploy.workers`, one module per kind of process, so
+that each process imports only what it needs. Nothing here waits for a component to be
+constructed before starting the next: `Core.wait` waits once for all of them.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 from deploy.config import JobConfig
 from deploy.controller import NAMESPACE, Controller, controller_name
@@ -50,14 +58,32 @@ class Topology:
         return self.shards[actor_id % len(self.shards)]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Core:
-    """What `start_core` started: the topology (no rollout actors yet), the learner's
-    `start()` answer and where the learner and each replay shard run."""
+    """What `start_core` started (the topology, no rollout actors yet), and the first call
+    made to each component, by name, whose answer says it is constructed: `learner_ready` (the
+    learner's `start()`), `replay_ready` (each shard's stats), `store_ready`, and the nodes the
+    learner and the shards landed on (`learner_node`, `replay_nodes`)."""
 
     topology: Topology
-    learner_info: dict[str, Any]
-    placement: dict[str, Any]
+    first_calls: dict[str, list[Any]]
+
+    def wait(self, on_ready: Callable[[str], None]) -> dict[str, list[Any]]:
+        """Wait once for every first call (up to `CALL_TIMEOUT` x 5 s in all); `on_ready(name)`
+        as soon as all of a name's calls have answered. Their answers, by name."""
+        names = {ref: name for name, refs in self.first_calls.items() for ref in refs}
+        left = collections.Counter(names.values())
+        waiting, deadline = list(names), time.monotonic() + CALL_TIMEOUT * 5
+        while waiting:
+            done, waiting = ray.wait(waiting, timeout=max(deadline - time.monotonic(), 0.0))
+            if not done:
+                late = sorted({names[ref] for ref in waiting})
+                raise TimeoutError(f"not started after {CALL_TIMEOUT * 5:g} s: {', '.join(late)}")
+            for ref in done:
+                left[names[ref]] -= 1
+                if not left[names[ref]]:
+                    on_ready(names[ref])
+        return {name: ray.get(refs) for name, refs in self.first_calls.items()}
 
 
 def learner_wants_gpu(config: LearnerConfig) -> bool:
@@ -66,28 +92,37 @@ def learner_wants_gpu(config: LearnerConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def learner_bundle(config: LearnerConfig) -> PlacementGroupSchedulingStrategy:
+    """Where the learner goes: the one bundle of a new placement group, holding its CPU (and a
+    GPU when it wants CUDA and the cluster has one).
+
+    The replay shards go into the same bundle (they reserve nothing), so all are placed at once,
+    without waiting for the learner to say which node it landed on, and still share a node: the
+    learner's batches never cross the network. Ray restarts any of them inside the bundle; a
+    bundle on a lost node is placed again elsewhere, with all of them.
+    """
+    gpu = {"GPU": 1.0} if learner_wants_gpu(config) else {}
+    group = placement_group([{"CPU": 1.0, **gpu}], strategy="STRICT_PACK")
+    return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+
+
 def start_replay(
     config: ReplayConfig,
-    node_id: str | None = None,
+    place: PlacementGroupSchedulingStrategy | None = None,
     threads: dict[str, int] | None = None,
     spec: FragmentSpec | None = None,
 ) -> Any:
-    """The replay service, on `node_id` when given (hard affinity: it lives and dies with that
-    node), so the learner's batches and the actors' fragments each cross the network at most
-    once. `threads` overrides sizes of its concurrency groups (`deploy.workers.replay.THREADS`);
+    """The replay service, in `place` when given (the learner's bundle, `learner_bundle`), so
+    the learner's batches and the actors' fragments each cross the network at most once.
+    `threads` overrides sizes of its concurrency groups (`deploy.workers.replay.THREADS`);
     `spec`, the run's fragment layout, makes it refuse fragments of any other."""
-    strategy = (
-        # Hard affinity: soft affinity lets Ray place it elsewhere when that node is busy. The
-        # learner is on that node now, so it is alive.
-        NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id is not None else "DEFAULT"
-    )
     return (
         ray.remote(concurrency_groups={**replay_worker.THREADS, **(threads or {})})(ReplayWorker)
         .options(
             num_cpus=0,
             # The default group serves the rest (close, can_insert): nothing that waits long.
             max_concurrency=2,
-            scheduling_strategy=strategy,
+            scheduling_strategy=place or "DEFAULT",
             max_restarts=-1,
             max_task_retries=-1,
         )
@@ -97,38 +132,42 @@ def start_replay(
 
 def start_shards(
     config: ReplayConfig,
-    node_id: str | None = None,
+    place: PlacementGroupSchedulingStrategy | None = None,
     threads: dict[str, int] | None = None,
     spec: FragmentSpec | None = None,
 ) -> list[Any]:
     """The `config.num_shards` replay shards (`replay.shards.shard_configs`), each its own
-    replay actor (`start_replay`), all on `node_id` when given."""
-    return [start_replay(shard, node_id, threads, spec) for shard in shard_configs(config)]
+    replay actor (`start_replay`), all in `place` when given."""
+    return [start_replay(shard, place, threads, spec) for shard in shard_configs(config)]
 
 
 def start_core(
     config: JobConfig, spec: PolicySpec, checkpoint_dir: str, snapshot_path: str | None
 ) -> Core:
-    """Start a job's weight store, learner and replay shards, and start the learner stepping.
+    """Start a job's weight store, replay shards and learner, all at once (`Core.wait` waits
+    for them), and ask the learner to start stepping (it waits for fragments).
 
-    The learner is placed first (on a GPU node when it wants one), the shards next to it, so
-    batches never cross the network. `snapshot_path` is where shard snapshots go (one file per
-    shard, `replay.shards.snapshot_path`); a resumed run restores from there.
+    The shards share the learner's placement-group bundle (`learner_bundle`, on a GPU node when
+    the learner wants one), so batches never cross the network. `snapshot_path` is where shard
+    snapshots go (one file per shard, `replay.shards.snapshot_path`); a resumed run restores
+    from there.
     """
     replay_config = dataclasses.replace(config.replay, snapshot_path=snapshot_path)
+    place = learner_bundle(config.learner)
     store = start_store()
-    learner = start_learner(
-        spec, config.learner, checkpoint_dir, None, store, resume=config.run.resume
-    )
-    learner_node = ray.get(learner.node_id.remote(), timeout=CALL_TIMEOUT * 5)
     fragments = job_fragment_spec(config, spec)  # the shards refuse fragments of any other
-    shards = start_shards(replay_config, node_id=learner_node, spec=fragments)
-    # Waited for: the learner is a threaded actor, so calls to it are not ordered.
-    ray.get(learner.attach_replay.remote(shards), timeout=CALL_TIMEOUT)
-    info = ray.get(learner.start.remote(), timeout=CALL_TIMEOUT * 5)
-    nodes = ray.get([shard.node_id.remote() for shard in shards], timeout=CALL_TIMEOUT)
-    topology = Topology(shards, store, learner, {}, info["device"])
-    return Core(topology, info, {"learner_node": learner_node, "replay_nodes": nodes})
+    shards = start_shards(replay_config, place, spec=fragments)
+    learner = start_learner(
+        spec, config.learner, checkpoint_dir, shards, store, config.run.resume, place
+    )
+    first_calls = {
+        "store_ready": [store.__ray_ready__.remote()],
+        "replay_ready": [shard.stats.remote() for shard in shards],
+        "learner_ready": [learner.start.remote()],
+        "learner_node": [learner.node_id.remote()],
+        "replay_nodes": [shard.node_id.remote() for shard in shards],
+    }
+    return Core(Topology(shards, store, learner, {}), first_calls)
 
 
 def start_controller(run: str, num_actors: int) -> Any:
@@ -168,12 +207,23 @@ def start_learner(
     shards: list[Any] | None,
     store: Any,
     resume: bool,
+    place: PlacementGroupSchedulingStrategy | None = None,
 ) -> Any:
-    """The learner; `shards` may be None and attached later (`LearnerWorker.attach_replay`)."""
-    gpus = 1 if learner_wants_gpu(config) else 0
+    """The learner, in `place` when given (`learner_bundle`: its CPU and GPU); `shards` may be
+    None and attached later (`LearnerWorker.attach_replay`)."""
+    if place is None:
+        gpus = 1 if learner_wants_gpu(config) else 0
+    else:
+        gpus = place.placement_group.bundle_specs[0].get("GPU", 0)
     return (
         ray.remote(LearnerWorker)
-        .options(num_cpus=1, num_gpus=gpus, max_concurrency=4, max_restarts=-1)
+        .options(
+            num_cpus=1,
+            num_gpus=gpus,
+            max_concurrency=4,
+            max_restarts=-1,
+            scheduling_strategy=place or "DEFAULT",
+        )
         .remote(spec.to_dict(), config, checkpoint_dir, shards, store, resume)
     )
 

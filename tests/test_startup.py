@@ -1,13 +1,17 @@
-"""Start-up: the processes that need no torch do not import it, and a run's summary carries the
-moments it went through, in order."""
+"""Start-up: the processes that need no torch do not import it, and a run's summary.json holds
+the moments it went through (`deploy.timeline`), in order."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import ray
 
 from deploy import topology
+from deploy.config import load_config
+from deploy.job import train
+from deploy.timeline import MOMENTS, ORDER
 from replay.service import ReplayConfig
 
 #: Packages only the learner and the rollout actors need.
@@ -38,3 +42,30 @@ def test_replay_store_and_controller_processes_import_no_torch(local_ray, tmp_pa
     assert "torch" in heavy_modules(learner_like)
     for handle in (replay, store, controller, learner_like):
         ray.kill(handle)
+
+
+def test_summary_json_holds_the_runs_moments_in_order(local_ray, tmp_path):
+    config = load_config(
+        None,
+        [
+            "run.max_env_steps=5000",
+            "run.target_return=none",
+            "actors.num_envs=16",
+            "actors.unroll_length=16",
+        ],
+        extra={"run.logdir": str(tmp_path), "run.name": "moments"},
+    )
+    summary = train(config)
+    assert summary.ok and summary.stop_reason == "env-step budget reached", summary.line()
+    saved = json.loads((tmp_path / "moments" / "summary.json").read_text())["timeline"]
+    assert saved == summary.timeline
+    # A budget run passes every moment (the budget ends it only after fragments arrived; the
+    # learner may or may not have stepped by then).
+    missing = set(MOMENTS) - set(saved) - {"first_learner_step"}
+    assert missing == set(), f"moments not reached: {missing}"
+    assert list(saved) == [m for m in MOMENTS if m in saved], "kept in MOMENTS order"
+    for earlier, later in ORDER:
+        if earlier in saved and later in saved:
+            assert saved[earlier] <= saved[later], (earlier, later, saved)
+    assert saved["first_fragment"] <= saved["stop_seen"]
+    assert saved["train_called"] > 0 and saved["exit"] < 3600

@@ -72,6 +72,7 @@ class LearnerWorker:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._metrics: list = []
+        self._first_step_at: float | None = None  # time.time() of this process's first step
         self._error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="offpg-learner", daemon=True)
         # Actors start from the learner's weights (restored ones on resume).
@@ -86,7 +87,7 @@ class LearnerWorker:
         return os.getpid()
 
     def attach_replay(self, shards: list[Any]) -> None:
-        """Set the replay shards when they were started after the learner (to share its node)."""
+        """Set the replay shards (again: the driver does after Ray restarted the learner)."""
         self._shards = list(shards)
 
     def _batches(self):
@@ -125,6 +126,8 @@ class LearnerWorker:
     def _on_step(self, metrics: Any) -> None:
         with self._lock:
             self._metrics.append(metrics)
+            if self._first_step_at is None:
+                self._first_step_at = time.time()
 
     def start(self) -> dict:
         """Start stepping (once; a repeated call only reports)."""
@@ -151,6 +154,7 @@ class LearnerWorker:
             "started": self._thread.ident is not None,
             "incarnation": self.incarnation,
             "last_checkpoint": self._last_checkpoint(),
+            "first_step_at": self._first_step_at,  # for the run's timeline (`deploy.timeline`)
         }
 
     def _last_checkpoint(self) -> str | None:

@@ -39,9 +39,12 @@ class RaySink:
         #: Seconds `put` and `flush` blocked waiting for inserts to settle: the time the actor
         #: did not collect because the replay (its rate limiter, or its queue) held it back.
         self.backpressure_s = 0.0
+        self.first_put_at: float | None = None  # time.time() of the first fragment sent
 
     def put(self, data: bytes) -> None:
         self._pending.append((self._replay.insert.remote(data), data))
+        if self.first_put_at is None:
+            self.first_put_at = time.time()
         while len(self._pending) > self._max_inflight:
             self._settle(*self._pending.popleft())
 
@@ -117,6 +120,9 @@ class RolloutWorker:
         # not a dead one (ident is None until it starts).
         stats["alive"] = self._thread.is_alive() or self._thread.ident is None
         stats["node_id"] = ray.get_runtime_context().get_node_id()
+        # Wall-clock moments for the run's timeline (`deploy.timeline`).
+        stats["stepping_since"] = self._actor.stepping_since
+        stats["first_fragment_at"] = self._sink.first_put_at
         return stats
 
     def pid(self) -> int:
