@@ -13,8 +13,9 @@ process group is killed past it).
 
 The peers run in their own virtual environment, which this script makes on first use under
 `benchmarks/.venv-peers` (gitignored): the CPU build of torch first (so pip pulls no CUDA build),
-then `ray[rllib]` of the same Ray version as offpg and `stable-baselines3`. pip picks the
-Gymnasium version RLlib pins (1.2.x for Ray 2.60; offpg runs on the main environment's 1.4).
+then `ray[rllib]` of the same Ray version as offpg and `stable-baselines3`, each only once a
+peer that needs it is asked for. pip picks the Gymnasium version RLlib pins (1.2.x for Ray 2.60;
+offpg runs on the main environment's 1.4).
 
 Configurations, from each project's own tuned CartPole-v1 recipe:
 
@@ -55,11 +56,13 @@ VENV = HERE / ".venv-peers"
 RESULTS = HERE / "results"
 RAY_VERSION = "2.60.0"
 TORCH_VERSION = "2.13.0"
-#: What the peers' venv gets, in order; the stamp file records it, so a change reinstalls.
-VENV_STEPS: tuple[tuple[str, ...], ...] = (
-    (f"torch=={TORCH_VERSION}",),
-    (f"ray[rllib]=={RAY_VERSION}", "stable-baselines3"),
-)
+#: What the peers' venv gets, in order: torch first (the CPU build), then what each peer needs.
+#: The stamp file records what is installed, so a peer not installed yet is added to it.
+VENV_STEPS: dict[str, tuple[str, ...]] = {
+    "torch": (f"torch=={TORCH_VERSION}",),
+    "rllib": (f"ray[rllib]=={RAY_VERSION}",),
+    "sb3": ("stable-baselines3",),
+}
 PEERS = ("offpg", "rllib_impala", "rllib_appo", "sb3_ppo")
 NAMES = {
     "offpg": "offpg",
@@ -250,18 +253,29 @@ def venv_python() -> Path:
     return VENV / "bin" / "python"
 
 
-def ensure_venv() -> Path:
-    """Make (or reuse) the peers' virtual environment; returns its python."""
+def ensure_venv(peers: list[str]) -> Path:
+    """Make (or reuse, or add to) the peers' virtual environment with what `peers` need;
+    returns its python."""
     stamp = VENV / "offpg-peers.json"
-    want = json.dumps(VENV_STEPS)
-    if stamp.exists() and stamp.read_text() == want and venv_python().exists():
-        return venv_python()
-    print(f"peers: creating {VENV} (torch CPU build, ray[rllib], stable-baselines3)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
+    want = ["torch"] + [step for step in ("rllib", "sb3") if any(step in p for p in peers)]
+    have: dict[str, list[str]] = {}
+    if stamp.exists() and venv_python().exists():
+        try:
+            have = json.loads(stamp.read_text())
+        except ValueError:
+            have = {}
+        if not isinstance(have, dict):  # a stamp of an older layout: make the venv again
+            have = {}
+    if not have:
+        print(f"peers: creating {VENV}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
     pip = [str(venv_python()), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    for step in VENV_STEPS:
-        subprocess.run([*pip, *step], check=True)
-    stamp.write_text(want)
+    for step in want:
+        if have.get(step) != list(VENV_STEPS[step]):
+            print(f"peers: installing {' '.join(VENV_STEPS[step])} into {VENV}", flush=True)
+            subprocess.run([*pip, *VENV_STEPS[step]], check=True)
+            have[step] = list(VENV_STEPS[step])
+            stamp.write_text(json.dumps(have))
     return venv_python()
 
 
@@ -435,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         write_report(json.loads(Path(args.out).with_suffix(".json").read_text()), args, seeds)
         return
     if any(p != "offpg" for p in args.peers):
-        ensure_venv()
+        ensure_venv(args.peers)
     results = []
     # Seeds outermost: every system sees the same spread of machine load over the session.
     for seed in range(seeds):

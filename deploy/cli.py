@@ -239,12 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from deploy.job import train
 
+        program = argv is None  # run as the `offpg` program, not called from Python
         try:
-            summary = train(config)
+            summary = train(config, exiting=program)
         except ConfigError as exc:
             die(exc)
         code = 0 if summary.ok else 1
-        if argv is None:  # run as the `offpg` program, not called from Python
+        if program:
             _exit_now(code)
         return code
     if args.command == "launch":
@@ -268,10 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _exit_now(code: int) -> None:
     """End the process without the interpreter's teardown.
 
-    By now the run has closed everything it owns (Ray shut down, logs flushed, checkpoint and
-    summary.json written), and what is left is the interpreter unloading torch's and Ray's
-    extension modules, which took seconds on a loaded 2-core machine (benchmarks/README.md,
-    start-up); the user waits for none of it.
+    By now the run has closed everything it owns (logs flushed, checkpoint and summary.json
+    written; an embedded Ray's processes end with this one, `deploy.session.shut_down`), and
+    what is left is the interpreter unloading torch's and Ray's extension modules, which took
+    seconds on a loaded 2-core machine (benchmarks/README.md, start-up); the user waits for none
+    of it.
     """
     import logging
     import os

@@ -9,14 +9,17 @@ and refused) only goes up. The episodes the actors finished go into a window of 
 What a poll costs does not grow with waiting on actors one by one: each actor has at most one
 stats call in flight, all of them are waited for together (`gather`: one `ray.wait` with a
 deadline), the answers that are back are taken, and the others stay in flight for the next
-look (`poll` or `take_ready`, which asks nothing). Actors are stopped the same way: all told at
-once, all answers waited for together.
+look (`poll` or `take_ready`, which asks nothing). Between polls the driver asks only a few
+actors at a time (`ask(limit=...)`, those asked longest ago first), so the calls it makes to
+check the target return often do not grow with the fleet. Actors are stopped the same way as
+they are polled: all told at once, all answers waited for together.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import sys
 import time
 from collections.abc import Hashable, Iterable, Mapping
@@ -63,6 +66,13 @@ def gather(calls: Mapping[K, Any], timeout: float) -> dict[K, Any]:
             except ray.exceptions.RayError as exc:
                 answers[keys[ref]] = exc
         return answers
+
+
+def oldest_first(ids: Iterable[K], last_asked: Mapping[K, int], limit: int) -> list[K]:
+    """At most `limit` of `ids`: those never asked (absent from `last_asked`) first, then by
+    when they were last asked (`last_asked`: a number that grows with every ask), longest ago
+    first. Asked `limit` at a time, every id comes round before any comes round again."""
+    return sorted(ids, key=lambda i: last_asked.get(i, -1))[: max(limit, 0)]
 
 
 @dataclasses.dataclass
@@ -157,6 +167,9 @@ class Fleet:
         self._pending_since = time.monotonic()
         #: The stats call in flight of each actor that has one (`poll`).
         self._asked: dict[int, Any] = {}
+        #: When each live actor was last asked for its stats, counted in asks (`ask`).
+        self._last_asked: dict[int, int] = {}
+        self._asks = itertools.count()
 
     # -- what the fleet reports ----------------------------------------------------------------
 
@@ -263,6 +276,7 @@ class Fleet:
     def _forget(self, actor_id: int) -> None:
         """Drop a removed actor; its counts go into `retired`, so totals never go backwards."""
         counters = self.state.pop(actor_id).counters
+        self._last_asked.pop(actor_id, None)
         self.retired += counters
         self._retired_acks[actor_id % len(self._topo.shards)] += counters.inserted
 
@@ -274,11 +288,15 @@ class Fleet:
         self.ask()
         self._take(wait_s)
 
-    def ask(self) -> None:
-        """Ask every actor with no stats call in flight for its stats (no waiting)."""
-        for actor_id, handle in self._topo.actors.items():
-            if actor_id not in self._asked:
-                self._asked[actor_id] = handle.stats.remote()
+    def ask(self, limit: int | None = None) -> None:
+        """Ask the actors with no stats call in flight for their stats (no waiting): all of
+        them, or at most `limit`, those asked longest ago first (`oldest_first`)."""
+        idle = [i for i in self._topo.actors if i not in self._asked]
+        if limit is not None:
+            idle = oldest_first(idle, self._last_asked, limit)
+        for actor_id in idle:
+            self._asked[actor_id] = self._topo.actors[actor_id].stats.remote()
+            self._last_asked[actor_id] = next(self._asks)
 
     def take_ready(self) -> None:
         """Take the stats answers that are back, asking nothing and waiting for nothing:

@@ -35,9 +35,16 @@ from learner import checkpoint
 #: Seconds the learner may stay unreachable (Ray restarting it) before the run fails.
 LEARNER_RESTART_TIMEOUT_S = 180.0
 #: Between the full polls (every `run.log_every` s) the driver takes the actors' stats answers
-#: this often and asks again those that answered (one stats call in flight per actor): the
-#: target return or the step budget is seen within about this long of an actor's report.
+#: this often and asks `SOLVE_CHECK_ACTORS` more (those asked longest ago): the target return or
+#: the step budget is seen within about this long of the reports that show it.
 SOLVE_CHECK_S = 0.25
+#: Actors asked for their stats at each of those checks: at most this many calls per check,
+#: however large the fleet. A handful of actors' episodes since their last report fill the
+#: return window many times over.
+SOLVE_CHECK_ACTORS = 8
+#: Seconds before each full poll that every actor is asked (one stats call each): their
+#: answers are back when the poll takes them.
+ASK_AHEAD_S = 0.5
 #: Seconds the controller lives on after the final status when `offpg stop` waits for it.
 STOP_ANSWER_S = 0.5
 
@@ -221,9 +228,12 @@ class Job:
             return None
 
     def stop(self) -> dict:
-        """Stop the actors (last fragments sent), then at once the learner (final checkpoint,
-        with the final env-step count) and every replay shard (snapshot)."""
+        """Stop the actors (their last fragments go in at once: the replay shards admit every
+        insert from now on), then at once the learner (final checkpoint, with the final env-step
+        count) and every replay shard (snapshot)."""
         if self.fleet is not None:
+            if self.replay is not None:
+                self.replay.admit_all()
             self.fleet.stop()
         learner = self.topology.learner
         counters = {"env_steps": self.env_steps}
@@ -277,13 +287,15 @@ def stop_learner(
 OnPoll = Callable[[Job], bool | None]
 
 
-def train(config: JobConfig, on_poll: OnPoll | None = None) -> RunSummary:
+def train(config: JobConfig, on_poll: OnPoll | None = None, *, exiting: bool = False) -> RunSummary:
     """Run a training job to its budget, its target or Ctrl-C; see the module docstring.
 
     `on_poll(job)`, when given, runs after every poll (fault-injection tests and
     `benchmarks/chaos.py` kill components from it); a true result stops the run. The summary is
     printed before Ray is shut down, and summary.json written again after, with the `exit`
-    moment of its timeline (`deploy.timeline`).
+    moment of its timeline (`deploy.timeline`). `exiting`: the process ends as soon as this
+    returns (the `offpg` program), so an embedded Ray is left to end with it
+    (`deploy.session.shut_down`).
     """
     timeline = Timeline()
     timeline.mark("train_called")
@@ -312,7 +324,7 @@ def train(config: JobConfig, on_poll: OnPoll | None = None) -> RunSummary:
         if job.controller is not None:
             job.finish_controller(stop.reason, final)
         if owns_ray:
-            session.shut_down(config)
+            session.shut_down(config, exiting=exiting)
     timeline.mark("exit")
     summary.timeline = timeline.seconds()
     summary.write(job.run_dir)
@@ -360,15 +372,20 @@ def _drive(job: Job, reporter: Reporter, on_poll: OnPoll | None) -> Stop:
 
 
 def _wait_for_poll(fleet: Fleet, run: RunConfig) -> float:
-    """Sleep until the next full poll, `run.log_every` s, taking the actors' stats answers every
-    `SOLVE_CHECK_S` and asking those that answered again; earlier once the answers show the
-    target return or the env-step budget reached. Returns the seconds spent asking and taking
-    (the driver's work, not its sleep)."""
+    """Sleep until the next full poll, `run.log_every` s. Every `SOLVE_CHECK_S` take the actors'
+    stats answers that are back and ask `SOLVE_CHECK_ACTORS` more (those asked longest ago);
+    from `ASK_AHEAD_S` before the poll on, ask every actor with no call in flight, so the poll
+    takes all of them. Return earlier once the answers show the target return or the env-step
+    budget reached. Returns the seconds spent asking and taking (the driver's work, not its
+    sleep)."""
     deadline = time.monotonic() + run.log_every
     busy = 0.0
+    asked_all = False
     while (remaining := deadline - time.monotonic()) > 0:
         start = time.perf_counter()
-        fleet.ask()
+        ask_all = not asked_all and remaining <= ASK_AHEAD_S
+        fleet.ask(None if ask_all else SOLVE_CHECK_ACTORS)
+        asked_all |= ask_all
         busy += time.perf_counter() - start
         time.sleep(min(remaining, SOLVE_CHECK_S))
         start = time.perf_counter()

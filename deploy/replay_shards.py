@@ -87,6 +87,12 @@ class ReplayShards:
         self._incarnations[k] = stats["incarnation"]
         self._baselines[k] = offset
 
+    def admit_all(self) -> None:
+        """Tell every shard to let every insert go from now on (`ReplayService.admit_all`).
+        Not waited for: an insert held back goes as soon as its shard has the call."""
+        for shard in self.shards:
+            shard.admit_all.remote()
+
     def snapshot_all(self) -> int:
         """Every shard writes its snapshot (all at once); the fragments written, in total."""
         calls = [

@@ -56,18 +56,26 @@ def start(config: JobConfig) -> bool:
     return True
 
 
-def shut_down(config: JobConfig) -> None:
+def shut_down(config: JobConfig, *, exiting: bool = False) -> None:
     """`ray.shutdown()` of the Ray `start` started or joined, without the second it waits for
-    the autoscaler's monitor of an embedded Ray.
+    the autoscaler's monitor of an embedded Ray; nothing at all for an embedded Ray when the
+    process is `exiting`.
 
     Ray stops its GCS first and its monitor later; the monitor answers SIGTERM by reporting
     to the GCS, which is gone by then, so Ray waits its full second before killing it
     (benchmarks/README.md, start-up). A one-node embedded Ray has nothing to autoscale, so
     the monitor is killed first. The process list is Ray's own (2.60) and looked up
     defensively: without it, this is a plain `ray.shutdown()`.
+
+    An embedded Ray's processes are started to share this process's fate (on Linux the kernel
+    kills them when it ends: Ray's `kernel_fate_share`, and the raylet's workers end with the
+    raylet), so a process about to exit leaves them to that instead of shutting them down one
+    by one, which took seconds on the loaded 2-core machine (benchmarks/README.md, start-up).
     """
     embedded = not (config.run.address or os.environ.get("RAY_ADDRESS"))
     node = getattr(ray._private.worker, "_global_node", None) if embedded else None
+    if exiting and getattr(node, "kernel_fate_share", False):
+        return
     for info in (getattr(node, "all_processes", None) or {}).get("monitor", []):
         with contextlib.suppress(OSError, AttributeError):
             info.process.kill()

@@ -4,7 +4,7 @@ The origin is the start of the driver's process (read from /proc where there is 
 interpreter's own start and the imports count). Moments seen by other processes (an actor's
 first env step, the learner's first step) are reported by them as wall-clock times and put on
 the same axis; on one machine they share the clock, across machines they are as good as the
-clocks' agreement. `RunSummary.startup` (summary.json) holds the result; `MOMENTS` lists them in
+clocks' agreement. `RunSummary.timeline` (summary.json) holds the result; `MOMENTS` lists them in
 the order a run normally passes them (components that start at once may finish in any order).
 """
 

@@ -110,6 +110,7 @@ class ReplayService:
         self._lag_max: int | None = None
         self._wait_seconds = {"insert": 0.0, "sample": 0.0}
         self._closed = False
+        self._admit_all = False  # `admit_all`: inserts no longer wait for the rate limiter
         path = self.config.snapshot_path
         if path and os.path.exists(path):
             self._restore(path)
@@ -187,7 +188,16 @@ class ReplayService:
         return InsertResult.REJECTED
 
     def _insert_may_go(self) -> bool:
-        return self._limiter.can_insert(len(self._table))
+        return self._admit_all or self._limiter.can_insert(len(self._table))
+
+    def admit_all(self) -> None:
+        """From now on every insert goes at once, whatever the rate limiter says (inserts held
+        back now go too): for a run that is stopping, so that its actors' last fragments are
+        stored without waiting for a learner that will take no more samples. The limiter still
+        counts them (a resumed run's learner samples them off before inserts go again)."""
+        with self._cond:
+            self._admit_all = True
+            self._cond.notify_all()
 
     def _remove(self, item: Item, counter: str) -> None:
         self._table.remove(item)

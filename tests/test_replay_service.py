@@ -314,6 +314,26 @@ def test_blocked_insert_resumes_when_the_learner_samples(fill, make_fragment):
     assert stats["insert_waits"] == 1 and stats["insert_timeouts"] == 0
 
 
+def test_admit_all_lets_a_held_back_insert_and_every_later_one_go(fill, make_fragment):
+    # A stopping run: the learner takes no more samples, the actors' last fragments still go in.
+    service = ReplayService(ReplayConfig.uniform_replay(samples_per_insert=1.0, tolerance=1.0))
+    fill(service, 2)
+    results = []
+    producer = _thread(
+        lambda: results.append(service.insert_fragment(make_fragment(fragment_id="x"), 30.0)),
+        "test-producer",
+    )
+    producer.join(0.1)
+    assert producer.is_alive(), "the insert should be held back by the ratio"
+    service.admit_all()
+    producer.join(5.0)
+    assert results == [InsertResult.ACCEPTED]
+    for k in range(3):  # no sample in between: the ratio alone would hold each back
+        assert service.insert_fragment(make_fragment(fragment_id=f"y{k}"), timeout=0)
+    stats = service.stats()
+    assert (stats["inserted"], stats["insert_timeouts"], stats["rejected"]) == (6, 0, {})
+
+
 def test_insert_is_never_blocked_while_a_sampler_starves(fill, make_fragment):
     # spi 4, tolerance 8: after 3 inserts the ratio blocks inserts, but a batch of 8 needs 8
     # fragments: without the starvation rule both sides would wait forever.

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from deploy.weights import publisher
-from deploy.workers import CALL_TIMEOUT, STOP_CHECK_S, was_restarted
+from deploy.workers import CALL_TIMEOUT, was_restarted
 from learner.learner import Learner, LearnerConfig
 from learner.policy import PolicySpec
 from replay.trajectory import Batch
@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a sample call waits for a batch in the replay before it answers None (asked again).
 SAMPLE_WAIT_S = 0.5
+#: Seconds the prefetch thread waits for a sample answer before it looks at the stop flag again:
+#: a stopping learner (its final checkpoint) waits at most about this long for that thread.
+BATCH_WAIT_S = 0.05
 
 
 class LearnerWorker:
@@ -105,7 +108,7 @@ class LearnerWorker:
                     self._batch_size, self.learner.version, timeout=SAMPLE_WAIT_S
                 )
                 calls[call] = k
-            ready, _ = ray.wait(list(calls), num_returns=1, timeout=STOP_CHECK_S)
+            ready, _ = ray.wait(list(calls), num_returns=1, timeout=BATCH_WAIT_S)
             for call in ready:
                 del calls[call]
                 fragments = ray.get(call)

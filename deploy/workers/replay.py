@@ -80,6 +80,10 @@ class ReplayWorker(ReplayService):
         return super().sample(batch_size, learner_version, timeout)
 
     @ray.method(concurrency_group="control")
+    def admit_all(self) -> None:
+        super().admit_all()
+
+    @ray.method(concurrency_group="control")
     def snapshot(self, path: str) -> int:
         return super().snapshot(path)
 
