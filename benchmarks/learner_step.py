@@ -6,10 +6,12 @@ weights) are stacked into batches of the recipe's shape (`learner.batch_size` fr
 this process, publishing every step as the Ray job does (the weights copied to numpy and
 pickled, which is what `ray.put` does with them). Printed:
 
-- the profile of `--profile-steps` steps (cProfile, cumulative seconds of the calls that make up
-  a step, per step), with the recipe's settings;
-- steps/s and sample rows/s for each torch thread count and batch size asked for (median of
-  `--rounds` rounds of `--steps` steps each, interleaved, so load changes hit every setting).
+- the profile of `--profile-steps` steps (cProfile on the process's CPU time, so other load on
+  the machine does not count: cumulative CPU milliseconds of the calls that make up a step),
+  with the recipe's settings;
+- wall and CPU milliseconds per step for each torch thread count and batch size asked for
+  (median of `--rounds` rounds of `--steps` steps each, interleaved, so load changes hit every
+  setting), and sample rows per CPU second.
 
     python benchmarks/learner_step.py
     python benchmarks/learner_step.py --threads 1 2 --batch 4 8 --rounds 5
@@ -102,28 +104,28 @@ def batches(frags: list, batch_size: int) -> list[Batch]:
     return out
 
 
-def timed(learner: Learner, data: list[Batch], steps: int) -> float:
-    """Seconds per step over `steps` steps (tensors made inside the step, as `Learner.step`
-    does for a numpy batch; in a Ray job the prefetch thread makes them beside the step)."""
-    start = time.perf_counter()
+def timed(learner: Learner, data: list[Batch], steps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per step over `steps` steps (tensors made inside the step, as
+    `Learner.step` does for a numpy batch; in a Ray job the prefetch thread makes them beside
+    the step). CPU is the process's, all its threads."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for i in range(steps):
         learner.step(data[i % len(data)])
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
 def profile(config: JobConfig, frags: list, steps: int) -> dict[str, float]:
-    """Milliseconds per step of each call in `PROFILED`, with the recipe's batch, one thread."""
+    """CPU milliseconds per step of each call in `PROFILED`, with the recipe's batch, one
+    thread."""
     learner = make_learner(config, config.learner.batch_size, 1)
     data = batches(frags, config.learner.batch_size)
     timed(learner, data, 5)  # warm-up
-    prof = cProfile.Profile()
-    start = time.perf_counter()
+    prof = cProfile.Profile(time.process_time)
     prof.enable()
-    timed(learner, data, steps)
+    _, cpu = timed(learner, data, steps)
     prof.disable()
-    wall = time.perf_counter() - start
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
-    out = {"step (profiled)": wall / steps * 1000}
+    out = {"step (profiled)": cpu * 1000}
     for name, label in PROFILED:
         cumulative = sum(v[3] for k, v in stats.items() if k[2] == name and _ours(k, name))
         out[label] = cumulative / steps * 1000
@@ -162,7 +164,7 @@ def main() -> None:
     )
 
     prof = profile(config, frags, args.profile_steps)
-    print("| part of a step (batch of the recipe, 1 thread) | ms per step |")
+    print("| part of a step (batch of the recipe, 1 thread) | CPU ms per step |")
     print("| --- | ---: |")
     for label, ms in prof.items():
         print(f"| {label} | {ms:.2f} |")
@@ -170,20 +172,26 @@ def main() -> None:
     settings = [(t, b) for b in sizes for t in args.threads]
     learners = {s: make_learner(config, s[1], s[0]) for s in settings}
     data = {b: batches(frags, b) for b in sizes}
-    per_step: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
+    per_step: dict[tuple[int, int], list[tuple[float, float]]] = {s: [] for s in settings}
     for _ in range(args.rounds):
         for threads, size in settings:
             torch.set_num_threads(threads)
             timed(learners[threads, size], data[size], 3)  # warm-up after the switch
             per_step[threads, size].append(timed(learners[threads, size], data[size], args.steps))
-    print("\n| torch threads | batch (fragments) | ms per step | steps/s | sample rows/s |")
+    print(
+        "\n| torch threads | batch (fragments) | wall ms per step | CPU ms per step "
+        "| sample rows per CPU s |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: |")
     results = []
     for (threads, size), values in per_step.items():
-        seconds = statistics.median(values)
-        rows = size * rows_per_fragment / seconds
-        print(f"| {threads} | {size} | {seconds * 1000:.1f} | {1 / seconds:.1f} | {rows:,.0f} |")
-        results.append({"threads": threads, "batch": size, "ms_per_step": seconds * 1000})
+        wall = statistics.median(v[0] for v in values)
+        cpu = statistics.median(v[1] for v in values)
+        rows = size * rows_per_fragment / cpu
+        print(f"| {threads} | {size} | {wall * 1000:.1f} | {cpu * 1000:.1f} | {rows:,.0f} |")
+        results.append(
+            {"threads": threads, "batch": size, "wall_ms": wall * 1000, "cpu_ms": cpu * 1000}
+        )
     print(f"\nload after: {os.getloadavg()[0]:.2f}")
     print("LEARNER-STEP " + json.dumps({"profile_ms": prof, "settings": results}))
 

@@ -241,7 +241,8 @@ class Job:
         try:
             # Whatever becomes of the learner, the replay's contents are kept for --resume; the
             # shards write them while the learner writes its final checkpoint.
-            self.replay.snapshot_all()
+            if self.replay is not None:
+                self.replay.snapshot_all()
         finally:
             final = stop_learner(learner, counters, call=stopping)
         return final
