@@ -57,7 +57,7 @@ PROFILED = (
     ("backward", "backward"),
     ("clip_grad_norm_", "gradient norm clipping"),
     ("importance_stats", "importance statistics"),
-    ("{method 'tolist' of 'torch._C.TensorBase' objects}", "scalars read back"),
+    ("<method 'tolist' of 'torch._C.TensorBase' objects>", "scalars read back"),
     ("step", "optimiser step (Adam)"),
     ("publish_weights", "publish: weights to numpy, pickled"),
 )
