@@ -11,6 +11,8 @@
   `AtariPreprocessing` + `FrameStackObservation` wrappers in a `SyncVectorEnv` (needs OpenCV).
   Rewards are not clipped here: episode returns are the game's score; clipping for the loss
   is the learner's business;
+- `offpg/CartPoleNoVel-v1`, registered here: CartPole without its velocities, a memory task
+  (`actors.partial_obs`), with a native vector env like CartPole's;
 - any other Gymnasium id, or a user's `package.module:callable` returning a `gymnasium.Env`, in
   a `SyncVectorEnv`.
 
@@ -30,8 +32,18 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorActionWrapper, VectorEnv
 
+from actors.partial_obs import CARTPOLE_NOVEL_ID
 from learner.policy import OBS_DTYPES, PolicySpec
 from replay.fields import FieldError, check, setting
+
+if CARTPOLE_NOVEL_ID not in gym.registry:
+    gym.register(
+        CARTPOLE_NOVEL_ID,
+        entry_point="actors.partial_obs:CartPoleNoVelEnv",
+        vector_entry_point="actors.partial_obs:CartPoleNoVelVectorEnv",
+        max_episode_steps=500,
+        reward_threshold=475.0,
+    )
 
 #: Seeds of different actors are this far apart: actor a, env i gets `seed + a * STRIDE + i`.
 SEED_STRIDE = 1_000_003
@@ -364,6 +376,8 @@ def policy_spec(
     network: str | None = None,
     hidden_sizes: tuple[int, ...] = (64, 64),
     shared_torso: bool | None = None,
+    core: str = "none",
+    core_size: int = 0,
 ) -> PolicySpec:
     """The `PolicySpec` for Gymnasium single-env spaces (`Box` observations; `Discrete` or 1-D
     `Box` actions). `network` defaults to `impala_shallow` for 3-D `uint8` observations and
@@ -386,6 +400,8 @@ def policy_spec(
         network=network,
         hidden_sizes=tuple(hidden_sizes),
         shared_torso=shared_torso,
+        core=core,
+        core_size=core_size,
     )
     if isinstance(action_space, gym.spaces.Discrete):
         if int(action_space.start) != 0:

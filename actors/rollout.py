@@ -8,7 +8,9 @@ from a `WeightSource` and change only between fragments, so every fragment is ac
 one policy version, which it carries.
 
 Autoreset bookkeeping across fragments: the last observation of a fragment is row 0 of the next
-one, and the "previous step ended an episode" flags carry over, so `autoreset[0]` is right.
+one, and the "previous step ended an episode" flags carry over, so `autoreset[0]` is right. A
+recurrent policy's core state carries over too, zeroed where an episode starts (the step after
+an autoreset step, and after an env reset); each fragment stores the state entering its step 0.
 Episode returns and lengths count only real steps (an autoreset step is not part of any
 episode).
 """
@@ -20,13 +22,13 @@ import logging
 import threading
 import time
 import uuid
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from gymnasium import spaces
 
 from actors.envs import EnvConfig, env_seeds, make_vec_env, seeded_reset, stored_frame_stack
+from actors.ports import FragmentSink, WeightSource
 from learner.policy import PolicySpec, load_numpy_state_dict, make_policy
 from replay import frames
 from replay.codec import encode
@@ -82,65 +84,6 @@ class ActorConfig:
 
     def __post_init__(self) -> None:
         check(self)
-
-
-@runtime_checkable
-class FragmentSink(Protocol):
-    """Where encoded fragments go (in deploy/: the replay service, with bounded in-flight)."""
-
-    def put(self, data: bytes) -> None:
-        """Send one encoded fragment; may block to keep inserts in flight bounded."""
-
-    def flush(self) -> None:
-        """Block until every fragment put so far has been delivered (or failed)."""
-
-
-@runtime_checkable
-class WeightSource(Protocol):
-    """Where the actor gets policy weights (in deploy/: the learner's WeightStore). A sync is
-    this one call: the actor never asks for the version first."""
-
-    def fetch(self, have_version: int) -> tuple[int, dict[str, np.ndarray]] | None:
-        """`(version, numpy state dict)` of the newest weights if newer than `have_version`,
-        else None (and then cheap: no weights move)."""
-
-
-class MemorySink:
-    """A `FragmentSink` keeping the bytes in a list: for tests and the in-process wiring
-    (`deploy.inprocess`)."""
-
-    def __init__(self) -> None:
-        self.items: list[bytes] = []
-        self.flushes = 0
-
-    def put(self, data: bytes) -> None:
-        self.items.append(data)
-
-    def flush(self) -> None:
-        self.flushes += 1
-
-
-class LocalWeights:
-    """An in-process `WeightSource`: `publish(weights)` bumps the version. Thread-safe."""
-
-    def __init__(self, weights: dict[str, np.ndarray] | None = None) -> None:
-        self._lock = threading.Lock()
-        self._version = -1
-        self._weights: dict[str, np.ndarray] | None = None
-        if weights is not None:
-            self.publish(weights)
-
-    def publish(self, weights: dict[str, np.ndarray]) -> int:
-        with self._lock:
-            self._version += 1
-            self._weights = weights
-            return self._version
-
-    def fetch(self, have_version: int) -> tuple[int, dict[str, np.ndarray]] | None:
-        with self._lock:
-            if self._weights is None or self._version <= have_version:
-                return None
-            return self._version, self._weights
 
 
 @dataclasses.dataclass
@@ -217,6 +160,9 @@ class RolloutActor:
         self._new_lengths: list[int] = []
         # State carried from one fragment to the next.
         self._obs = np.zeros((n, *spec.obs_shape), self._obs_dtype)
+        #: The recurrent core's state entering the next step, already zeroed where that step
+        #: starts an episode; `[2, n, 0]` for a feed-forward policy.
+        self._core_state = np.zeros((2, n, spec.core_size), np.float32)
         self._prev_done = np.zeros(n, bool)
         self._ep_return = np.zeros(n, np.float64)
         self._ep_length = np.zeros(n, np.int64)
@@ -336,8 +282,18 @@ class RolloutActor:
         prev_done, done, live = self._prev_done, np.empty(n, bool), np.empty(n, bool)
         ep_return, ep_length = self._ep_return, self._ep_length
         act, env = self._policy.act, self._env
+        core_state = state = self._core_state
+        recurrent = self._spec.core_size > 0
         for t in range(t_len):
-            out = act(obs[t])
+            if recurrent:
+                out = act(obs[t], state)
+                state = out.core_state
+                # After an autoreset step the next observation is a new episode's first: the
+                # step that acts on it starts from a zero state (replay.trajectory).
+                if prev_done.any():
+                    state[:, prev_done] = 0.0
+            else:
+                out = act(obs[t])
             actions[t] = out.actions
             logp[t] = out.logp
             autoreset[t] = prev_done
@@ -363,6 +319,7 @@ class RolloutActor:
             prev_done, done = done, prev_done
         self._obs[...] = obs[t_len]
         self._prev_done[...] = prev_done
+        self._core_state = state
         fragment = Fragment(
             **frames.fragment_obs(obs, self._frame_stack),
             actions=actions,
@@ -371,6 +328,7 @@ class RolloutActor:
             truncated=truncated,
             autoreset=autoreset,
             behaviour_logp=logp,
+            core_state=core_state,
             policy_version=max(self._version, 0),
             actor_id=self.actor_id,
             fragment_id=f"{self.actor_id}-{self._nonce}-{self._fragments}",
@@ -389,6 +347,8 @@ class RolloutActor:
         obs, _ = seeded_reset(self._env, seeds)
         self._obs[...] = obs
         self._prev_done[...] = False
+        # A new array, not zeroed in place: the last fragment may still hold the old one.
+        self._core_state = np.zeros_like(self._core_state)
         self._ep_return[...] = 0.0
         self._ep_length[...] = 0
 

@@ -81,7 +81,8 @@ def _actor(args: tuple[int, int, float, int]) -> float:
     import torch
 
     from actors.envs import EnvConfig, policy_spec, probe_spaces
-    from actors.rollout import ActorConfig, LocalWeights, RolloutActor
+    from actors.ports import LocalWeights
+    from actors.rollout import ActorConfig, RolloutActor
     from learner.policy import make_policy, state_dict_to_numpy
 
     torch.set_num_threads(1)
@@ -113,7 +114,8 @@ def fragment_bytes(num_envs: int, unroll: int) -> tuple[int, int, int]:
     import dataclasses
 
     from actors.envs import EnvConfig, policy_spec, probe_spaces
-    from actors.rollout import ActorConfig, LocalWeights, RolloutActor
+    from actors.ports import LocalWeights
+    from actors.rollout import ActorConfig, RolloutActor
     from learner.policy import make_policy, state_dict_to_numpy
     from replay.codec import encode
 
@@ -205,6 +207,7 @@ def learner_rates(
                 truncated=np.zeros((t, b), bool),
                 autoreset=np.zeros((t, b), bool),
                 behaviour_logp=np.full((t, b), -np.log(6), np.float32),
+                core_state=np.zeros((2, b, 0), np.float32),
                 policy_version=np.zeros(b, np.int64),
                 actor_id=np.zeros(b, np.int64),
                 fragment_ids=tuple(str(i) for i in range(b)),

@@ -84,6 +84,7 @@ def make_fragment(t, n, obs_shape, obs_dtype, index: int) -> Fragment:
         truncated=zeros,
         autoreset=zeros,
         behaviour_logp=-rng.random((t, n)).astype(np.float32),
+        core_state=np.zeros((2, n, 0), np.float32),
         policy_version=0,
         actor_id=0,
         fragment_id=f"bench-{index}",

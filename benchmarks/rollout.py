@@ -29,7 +29,8 @@ from actors.envs import (
     probe_spaces,
     seeded_reset,
 )
-from actors.rollout import ActorConfig, LocalWeights, RolloutActor
+from actors.ports import LocalWeights
+from actors.rollout import ActorConfig, RolloutActor
 from learner.policy import make_policy, state_dict_to_numpy
 
 #: Each measurement is split into this many windows and the fastest is reported: the machine

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 from actors.envs import EnvConfig, check_env_id
 from actors.rollout import ActorConfig
 from deploy.controller import MAX_ACTORS
+from learner.core import CORES
 from learner.learner import LearnerConfig
 from learner.policy import NETWORKS
 from replay.fields import FieldError, check, describe, setting, short
@@ -69,6 +70,13 @@ class PolicyConfig:
     hidden_sizes: tuple[int, ...] = setting(
         (64, 64), "MLP hidden layer sizes", ge=1, le=16_384, max_len=16
     )
+    core: str = setting(
+        "none",
+        "'none' (feed-forward) or 'lstm': a recurrent core between the torso and the heads, "
+        "for partially observed tasks; the actors carry its state, the learner unrolls it",
+        choices=CORES,
+    )
+    core_size: int = setting(128, "units of the recurrent core (core = lstm)", ge=1, le=16_384)
 
     def __post_init__(self) -> None:
         check(self)

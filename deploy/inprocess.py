@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from actors.envs import policy_spec, probe_spaces, stored_frame_stack
-from actors.rollout import MemorySink, RolloutActor
+from actors.ports import MemorySink
+from actors.rollout import RolloutActor
 from deploy.config import ConfigError, JobConfig
 from learner.broadcast import WeightStore
 from learner.learner import Learner, StepMetrics
@@ -47,7 +48,7 @@ CURVE_MIN_EPISODES = 10
 
 
 class StoreWeights:
-    """`actors.rollout.WeightSource` over an in-process `WeightStore` holding weight dicts."""
+    """`actors.ports.WeightSource` over an in-process `WeightStore` holding weight dicts."""
 
     def __init__(self, store: WeightStore) -> None:
         self._store = store
@@ -96,9 +97,13 @@ def job_policy_spec(config: JobConfig) -> PolicySpec:
     Raises `ConfigError` on `learner.estimator` for an estimator that needs a Q head on an env
     with continuous actions. A Ray job (`deploy.job.Job`) builds its network here too.
     """
-    network = None if config.policy.network == "auto" else config.policy.network
+    policy = config.policy
     spec = policy_spec(
-        *probe_spaces(config.env), network=network, hidden_sizes=config.policy.hidden_sizes
+        *probe_spaces(config.env),
+        network=None if policy.network == "auto" else policy.network,
+        hidden_sizes=policy.hidden_sizes,
+        core=policy.core,
+        core_size=policy.core_size if policy.core != "none" else 0,
     )
     if not config.learner.needs_q_head:
         return spec
@@ -122,6 +127,7 @@ def job_fragment_spec(config: JobConfig, spec: PolicySpec) -> FragmentSpec:
         unroll_length=config.actors.unroll_length,
         num_envs=config.actors.num_envs,
         frame_stack=stored_frame_stack(config.env, spec),
+        core_size=spec.core_size,
     )
 
 

@@ -60,7 +60,7 @@ def publisher(store_handle: Any) -> Callable[[int, dict[str, np.ndarray]], None]
 
 
 class RayWeightSource:
-    """`actors.rollout.WeightSource` over the weight-store actor: a sync is one store call,
+    """`actors.ports.WeightSource` over the weight-store actor: a sync is one store call,
     plus one object fetch when there are newer weights. Counts both (the actor's stats)."""
 
     def __init__(self, store: Any):

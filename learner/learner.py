@@ -226,7 +226,9 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        ev = self.model.evaluate(batch.obs, batch.actions)
+        ev = self.model.evaluate(
+            batch.obs, batch.actions, core_state=batch.core_state, autoreset=batch.autoreset
+        )
         terms, inp = loss_terms(ev, batch, cfg)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()

@@ -8,6 +8,9 @@ builds the `ActorCritic`:
 - torso: an MLP with tanh for vector observations; for images (3-D observations, `uint8` scaled
   by 1/255 inside the network) the IMPALA paper's shallow CNN or its deep ResNet CNN
   (Espeholt et al. 2018, fig. 3);
+- core (optional, `core = "lstm"`): an LSTM of `core_size` units between the torso and the
+  heads, shared by the policy and the value (`learner.core`); its state travels with the data
+  (`act` takes and returns it, `evaluate` unrolls it from a fragment's stored state);
 - heads: categorical logits for `Discrete` actions, a diagonal Gaussian with a learned,
   state-independent, clamped log standard deviation for `Box` actions; a scalar value head;
   with `q_head` (the `stgs` estimator's critic, `Discrete` actions only) an action-value head
@@ -28,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Categorical, Normal
+
+from learner.core import LSTMCore, check_core, episode_starts
 
 NETWORKS = ("mlp", "impala_shallow", "impala_deep")
 ACTION_KINDS = ("discrete", "continuous")
@@ -63,6 +68,10 @@ class PolicySpec:
     #: An action-value head `Q(s, .)`, one output per discrete action, on the critic's features;
     #: only the learner's `stgs` estimator needs it (actors never evaluate it).
     q_head: bool = False
+    #: "none" (feed-forward) or "lstm": a recurrent core of `core_size` units after the torso.
+    core: str = "none"
+    #: Units of the recurrent core: >= 1 with a core, 0 without one.
+    core_size: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "obs_shape", tuple(int(d) for d in self.obs_shape))
@@ -94,6 +103,7 @@ class PolicySpec:
                 "q_head needs discrete actions (Q(s, .) has one output per action), got "
                 f"action_kind {self.action_kind!r}"
             )
+        check_core(self.core, self.core_size, self.shared_torso)
         for name in ("action_low", "action_high"):
             value = getattr(self, name)
             if value is not None and len(value) != self.action_dim:
@@ -125,6 +135,8 @@ class PolicySpec:
 
     @property
     def uses_shared_torso(self) -> bool:
+        if self.core != "none":
+            return True
         return self.network != "mlp" if self.shared_torso is None else self.shared_torso
 
 
@@ -133,6 +145,7 @@ class ActOutput(NamedTuple):
 
     actions: np.ndarray  # [N] int64 (discrete) or [N, action_dim] float32 (continuous)
     logp: np.ndarray  # [N] float32: log mu(action | obs) of the acting policy
+    core_state: np.ndarray | None = None  # [2, N, core_size] float32 after the step; None: no core
 
 
 class Evaluation(NamedTuple):
@@ -221,6 +234,9 @@ class ActorCritic(nn.Module):
         self.torso = make_torso()
         # The critic's own torso, or None when the actor's torso is shared.
         self.value_torso = None if spec.uses_shared_torso else make_torso()
+        self.core = LSTMCore(features, spec.core_size) if spec.core == "lstm" else None
+        if self.core is not None:
+            features = spec.core_size
         out = spec.action_dim
         self.policy_head = _layer(nn.Linear(features, out), 0.01)
         self.value_head = _layer(nn.Linear(features, 1), 1.0)
@@ -262,7 +278,10 @@ class ActorCritic(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`obs [N, *obs_shape]` -> `(policy_out [N, action_dim], values [N])`; `policy_out`
-        is the categorical logits or the Gaussian mean."""
+        is the categorical logits or the Gaussian mean. Feed-forward networks only: a recurrent
+        one needs its state (`act`, `evaluate`)."""
+        if self.core is not None:
+            raise ValueError("a recurrent network needs its core state: use act or evaluate")
         hidden, value_hidden = self._features(obs)
         return self.policy_head(hidden), self.value_head(value_hidden).squeeze(-1)
 
@@ -286,20 +305,37 @@ class ActorCritic(nn.Module):
 
     # -- the two entry points ------------------------------------------------------------------
 
-    def act(self, obs: np.ndarray, *, deterministic: bool = False) -> ActOutput:
+    def act(
+        self,
+        obs: np.ndarray,
+        core_state: np.ndarray | None = None,
+        *,
+        deterministic: bool = False,
+    ) -> ActOutput:
         """Sample actions for `obs [N, *obs_shape]` (float32 or uint8).
 
         Returns int64 `[N]` actions for discrete spaces, float32 `[N, action_dim]` for
         continuous ones: the *unclipped* Gaussian sample (the env wrapper clips to the bounds;
         the log-prob must be of the action the distribution produced). `deterministic` takes
         the mode (argmax / mean), for evaluation; `logp` is then still log pi of that action.
+
+        A recurrent network needs `core_state [2, N, core_size]` float32, the state entering
+        this step (zeroed by the caller where an episode starts), and returns the state after
+        it in `ActOutput.core_state`; a feed-forward one ignores `core_state`.
         """
         # The hot call of every rollout actor: only the policy torso and head run (the critic's
         # torso and the entropy are the learner's business), and the categorical sample is a
         # Gumbel-max over the logits, without building a distribution object.
+        next_state = None
         with torch.inference_mode():
-            x = self._prepare(torch.as_tensor(obs))
-            policy_out = self.policy_head(self.torso(x))
+            hidden = self.torso(self._prepare(torch.as_tensor(obs)))
+            if self.core is not None:
+                if core_state is None:
+                    raise ValueError("a recurrent network acts with core_state [2, N, core_size]")
+                state = torch.as_tensor(core_state, device=hidden.device)
+                hidden, state = self.core.step(hidden, state)
+                next_state = state.cpu().numpy()
+            policy_out = self.policy_head(hidden)
             if self.spec.action_kind == "discrete":
                 log_probs = torch.log_softmax(policy_out, -1)
                 if deterministic:
@@ -314,15 +350,26 @@ class ActorCritic(nn.Module):
                 actions = dist.mean if deterministic else dist.sample()
                 logp = dist.log_prob(actions).sum(-1)
                 actions_np = actions.cpu().numpy().astype(np.float32, copy=False)
-        return ActOutput(actions_np, logp.cpu().numpy().astype(np.float32, copy=False))
+        logp_np = logp.cpu().numpy().astype(np.float32, copy=False)
+        return ActOutput(actions_np, logp_np, next_state)
 
-    def evaluate(self, obs: torch.Tensor, actions: torch.Tensor) -> Evaluation:
+    def evaluate(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        *,
+        core_state: torch.Tensor | None = None,
+        autoreset: torch.Tensor | None = None,
+    ) -> Evaluation:
         """Log-probs, entropies, values, policy outputs and (with a q_head) action values of a
         time-major batch, with gradients.
 
         `obs [T+1, B, *obs_shape]`, `actions [T, B]` (int) or `[T, B, action_dim]` (float).
-        All T+1 rows go through the network in one forward pass; the policy output and action
-        values of row T (the bootstrap observation) are dropped.
+        All T+1 rows go through the torso in one forward pass; the policy output and action
+        values of row T (the bootstrap observation) are dropped. A recurrent network also needs
+        the batch's `core_state [2, B, core_size]` (the state entering row 0) and `autoreset
+        [T, B]`: its core is unrolled over the T+1 rows from that state, zeroed where an
+        episode starts (`learner.core.episode_starts`), as the actors stepped it.
         """
         t1, b = obs.shape[:2]
         t = actions.shape[0]
@@ -332,6 +379,13 @@ class ActorCritic(nn.Module):
                 f"{tuple(obs.shape)} and actions {tuple(actions.shape)}"
             )
         hidden, value_hidden = self._features(obs.reshape(t1 * b, *obs.shape[2:]))
+        if self.core is not None:
+            if core_state is None or autoreset is None:
+                raise ValueError("a recurrent network evaluates with core_state and autoreset")
+            starts = episode_starts(autoreset.to(hidden.device))
+            state = core_state.to(hidden.device)
+            hidden, _ = self.core.unroll(hidden.reshape(t1, b, -1), state, starts)
+            hidden = value_hidden = hidden.reshape(t1 * b, -1)
         policy_out = self.policy_head(hidden).reshape(t1, b, -1)[:t]
         values = self.value_head(value_hidden).reshape(t1, b)
         q_values = None

@@ -41,6 +41,7 @@ class TensorBatch(NamedTuple):
     truncated: torch.Tensor  # [T, B] bool
     autoreset: torch.Tensor  # [T, B] bool
     behaviour_logp: torch.Tensor  # [T, B] float32
+    core_state: torch.Tensor  # [2, B, core_size] float32 (core_size 0: feed-forward)
     policy_version: np.ndarray  # [B] int64, kept on the host (only used for metrics)
 
 
@@ -63,10 +64,7 @@ def to_tensors(batch: Batch, device: torch.device, stream: Any = None) -> Tensor
     # On a side stream the copies overlap the step running on the default stream; without one
     # (a direct `step(batch)`) they are ordered on the current stream and need no sync.
     with torch.cuda.stream(stream):
-        tensors = [
-            torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(device, non_blocking=True)
-            for a in arrays
-        ]
+        tensors = [_to_cuda(a, device) for a in arrays]
         if stacked:
             heads = tensors.pop()
             tensors[0] = stack_frames(tensors[0], batch.frame_stack, batch.stack_resets, heads)
@@ -88,6 +86,13 @@ def stack_frames(
         src = [torch.as_tensor(a, device=obs.device) for a in (sources, offsets)]
         obs[index[0], index[1], index[2]] = heads[src[0], src[1]]
     return obs
+
+
+def _to_cuda(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    if host.numel() == 0:  # a feed-forward core_state, no stack_heads: nothing to copy
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 _END = object()

@@ -7,7 +7,8 @@ A message is one msgpack map::
      "episode_lengths": <ext>, "stack_resets": <ext>, "stack_heads": <ext>}
 
 holding exactly the `trajectory.FIELDS`, `META_FIELDS`, `EPISODE_FIELDS` and `STACK_FIELDS`
-keys plus `schema_version` (version 1, before frames were stored once, is refused by name).
+keys plus `schema_version` (version 1, before frames were stored once and fragments carried
+the recurrent core's state, is refused by name: `trajectory.version_mismatch`).
 Each array is a msgpack ExtType with code `ARRAY_EXT_CODE` whose payload is::
 
     u8 len(dtype name) | dtype name (ascii, e.g. b"float32") | u8 ndim | ndim x u64 dims | raw bytes
@@ -52,6 +53,7 @@ from replay.trajectory import (
     Fragment,
     InvalidFragment,
     validate,
+    version_mismatch,
 )
 
 #: The msgpack extension type code of a numpy array.
@@ -220,7 +222,7 @@ class _Reader:
         values: dict[str, object] = {}
         payloads: dict[str, tuple[int, int, int]] = {}
         data = self._data
-        for _ in range(count):  # ends by the 17th key at most: it is unknown or repeated
+        for _ in range(count):  # one key more than the schema has is unknown or repeated
             # A field name as msgpack writes it, inline (the common case); `_key` does the rest.
             pos = self._pos
             key = None
@@ -242,7 +244,7 @@ class _Reader:
             elif kind in _SCALAR_KINDS:
                 values[key] = value = self._scalar(first)
                 if key == VERSION_KEY and (type(value) is not int or value != SCHEMA_VERSION):
-                    raise InvalidFragment(_version_message(value), "schema_version")
+                    raise InvalidFragment(version_mismatch(value), "schema_version")
             elif key == VERSION_KEY:
                 raise _wrong_kind(f"{key} must be an int", first, "schema_version")
             else:
@@ -344,16 +346,6 @@ class _Reader:
         self._pos = start + length
         code = data[start - 1]
         return code - 0x100 if code > 0x7F else code, start, self._pos
-
-
-def _version_message(version: object) -> str:
-    if type(version) is int and version == 1:
-        return (
-            f"{VERSION_KEY} 1 is the format before stacked frames were stored once per "
-            f"fragment: this build reads version {SCHEMA_VERSION} only (actors and replay must "
-            "run the same offpg)"
-        )
-    return f"unknown {VERSION_KEY} {version!r}: this build reads version {SCHEMA_VERSION}"
 
 
 def _wrong_kind(what: str, first: int, reason: str) -> InvalidFragment:

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, NamedTuple
 import msgpack
 
 from replay import codec
-from replay.trajectory import Fragment
+from replay.trajectory import Fragment, version_mismatch
 
 FORMAT = "offpg-replay-snapshot"
 VERSION = 2
@@ -96,8 +96,8 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], list[Record]]:
     """The header and the records of the snapshot at `path`.
 
     Raises ValueError when the file fails its checksum (corrupt, truncated), is not a
-    version-2 snapshot, or holds fewer or more fragments than its header says;
-    `InvalidFragment` when a record does not decode.
+    version-2 snapshot, holds fragments of another schema version, or holds fewer or more
+    fragments than its header says; `InvalidFragment` when a record does not decode.
     """
     path = os.fspath(path)
     records = []
@@ -115,6 +115,8 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], list[Record]]:
             VERSION,
         ):
             raise ValueError(f"{path} is not a version-{VERSION} replay snapshot")
+        if header.get("schema_version") != codec.SCHEMA_VERSION:
+            raise ValueError(f"{path}: {version_mismatch(header.get('schema_version'))}")
         for record in unpacker:
             if record.keys() == {"crc32"}:  # the trailer, checked above
                 break

@@ -22,14 +22,23 @@ Layout, for one env column n and a fragment of T steps::
     autoreset[t]       step t only reset the env (always True right after a terminated or
                        truncated step); its action, reward and log-prob carry no meaning
     behaviour_logp[t]  log mu(actions[t] | obs[t]) under the policy that acted
+    core_state         [2, N, S]: the recurrent core's (h, c) entering step 0, S = core_size;
+                       S = 0 (an empty array) for a feed-forward policy
 
 Frame stacks. With `frame_stack` = K > 1 (Atari: the last K frames, newest last, as one
 `[K, H, W]` observation), `obs` holds each frame once: `[T + K, N, H, W]` instead of
 `[T + 1, N, K, H, W]`, and `stack_resets [R, 2]` / `stack_heads [R, K-1, H, W]` hold the stacks
 that do not continue the row before (after an episode reset); `replay.frames` says how, and
 `stacked_obs()` rebuilds the observations the actor acted on. With K = 1 `obs` is
-`[T + 1, N, *obs_shape]` and both are empty. Schema version 2 introduced this; version 1
-messages (every stacked frame repeated K times) are refused by name.
+`[T + 1, N, *obs_shape]` and both are empty. Schema version 2 introduced this and
+`core_state`; version 1 messages are refused by name.
+
+Recurrent core resets. The core state entering step t is zero where step t is the first real
+step of an episode: where step t - 1 was an autoreset step (`autoreset[t - 1]`), and after the
+env was (re)built and reset. An autoreset step itself still carries the ending episode's state:
+it acts on `obs[t]`, that episode's real final observation, whose value a truncated step
+bootstraps from. `core_state` is stored after its reset, so the learner needs no flag for row 0
+and resets row t >= 1 exactly where `autoreset[t - 1]`.
 """
 
 from __future__ import annotations
@@ -45,6 +54,23 @@ from replay import frames
 SCHEMA_VERSION = 2
 #: Largest `policy_version` and `actor_id`: both become int64 columns of a `Batch`.
 MAX_INT64 = 2**63 - 1
+#: What each schema version changed; `version_mismatch` quotes it when refusing another version.
+SCHEMA_CHANGES: dict[int, str] = {
+    1: "the first versioned schema",
+    2: "stores stacked frames once per fragment and adds core_state, the recurrent core's "
+    "state at a fragment's first step",
+}
+
+
+def version_mismatch(version: object) -> str:
+    """The message that refuses fragments of schema `version` (anything but `SCHEMA_VERSION`)."""
+    if type(version) is int and 1 <= version < SCHEMA_VERSION:
+        return (
+            f"schema_version {version} is older than this build's {SCHEMA_VERSION} (version "
+            f"{SCHEMA_VERSION} {SCHEMA_CHANGES[SCHEMA_VERSION]}): fragments written by an older "
+            "offpg cannot be read; actors and replay must run the same offpg"
+        )
+    return f"unknown schema_version {version!r}: this build reads version {SCHEMA_VERSION}"
 
 
 class InvalidFragment(ValueError):
@@ -64,11 +90,16 @@ class FieldSpec:
     #: numpy dtype names this field may have; the first is the canonical one.
     dtypes: tuple[str, ...]
     #: "T" for one row per step, "T+K" for one per step plus the bootstrap observation, with
-    #: K = `frame_stack` (1 unless frames are stored once, see the module doc).
-    rows: Literal["T", "T+K"]
+    #: K = `frame_stack` (1 unless frames are stored once, see the module doc); "2" for a
+    #: per-fragment pair of rows (the core state's h and c).
+    rows: Literal["T", "T+K", "2"]
     #: True when the field has trailing per-step dimensions (observation or action shape).
     trailing: bool
     doc: str
+
+    def num_rows(self, t: int, k: int = 1) -> int:
+        """The length of the field's first axis in a fragment of `t` steps and frame stack `k`."""
+        return {"T": t, "T+K": t + k, "2": 2}[self.rows]
 
 
 FIELDS: tuple[FieldSpec, ...] = (
@@ -79,6 +110,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("truncated", ("bool",), "T", False, "episode was cut by a time limit"),
     FieldSpec("autoreset", ("bool",), "T", False, "step only reset the env: masked out"),
     FieldSpec("behaviour_logp", ("float32",), "T", False, "log mu(a|s) of the acting policy"),
+    FieldSpec("core_state", ("float32",), "2", True, "(h, c) entering step 0; [2, N, 0] if none"),
 )
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
 #: Per-fragment metadata: name -> python type (arrays of finished episodes are separate).
@@ -123,6 +155,7 @@ class Fragment(_TimeMajor):
     truncated: np.ndarray  # [T, N] bool
     autoreset: np.ndarray  # [T, N] bool
     behaviour_logp: np.ndarray  # [T, N] float32
+    core_state: np.ndarray  # [2, N, core_size] float32 (core_size 0: feed-forward)
     policy_version: int
     actor_id: int
     fragment_id: str
@@ -189,11 +222,12 @@ def _check_arrays(fragment: Fragment) -> None:
                 f"{spec.name} has dtype {value.dtype.name}, allowed: {', '.join(spec.dtypes)}",
                 "dtype",
             )
-        rows = t + k if spec.rows == "T+K" else t
+        rows = spec.num_rows(t, k)
         label = "T+1" if spec.rows == "T+K" and k == 1 else spec.rows
         if value.ndim < 2 or value.shape[:2] != (rows, n):
+            first = str(rows) if spec.rows == "2" else f"{label}={rows}"
             raise InvalidFragment(
-                f"{spec.name} has shape {value.shape}, expected [{label}={rows}, N={n}, ...] "
+                f"{spec.name} has shape {value.shape}, expected [{first}, N={n}, ...] "
                 f"to agree with rewards {rewards.shape}",
                 "shape",
             )
@@ -202,6 +236,11 @@ def _check_arrays(fragment: Fragment) -> None:
                 f"{spec.name} has shape {value.shape}, expected [{label}, N] = ({rows}, {n})",
                 "shape",
             )
+    if fragment.core_state.ndim != 3:
+        raise InvalidFragment(
+            f"core_state has shape {fragment.core_state.shape}, expected [2, N={n}, core_size]",
+            "shape",
+        )
     if fragment.actions.dtype == np.int64 and fragment.actions.ndim != 2:
         raise InvalidFragment(
             f"actions are int64 (discrete) so must be [T, N], got {fragment.actions.shape}",
@@ -223,6 +262,8 @@ def _check_values(fragment: Fragment) -> None:
         raise InvalidFragment("obs has a NaN or inf", "non_finite")
     if fragment.actions.dtype == np.float32 and not np.isfinite(fragment.actions).all():
         raise InvalidFragment("actions has a NaN or inf", "non_finite")
+    if not np.isfinite(fragment.core_state).all():
+        raise InvalidFragment("core_state has a NaN or inf", "non_finite")
     # A probability is at most 1, so a discrete log-prob is <= 0. A continuous action's
     # log-*density* can legitimately exceed 0 (a narrow Gaussian), so float actions are exempt.
     if fragment.actions.dtype == np.int64 and (fragment.behaviour_logp > 0).any():
@@ -290,6 +331,8 @@ class FragmentSpec:
     num_envs: int | None = None
     #: Frames stored once per fragment (`Fragment.frame_stack`; 1: observations as they are).
     frame_stack: int = 1
+    #: Units of the policy's recurrent core: the width of `core_state` (0: feed-forward).
+    core_size: int = 0
 
     def check(self, fragment: Fragment) -> Fragment:
         """Return `fragment` if it fits this spec (it must already be schema-valid); raise
@@ -337,6 +380,12 @@ class FragmentSpec:
                 f"actions are {actions.shape[2:]} {actions.dtype.name}, this run's are "
                 f"({self.action_dim},) float32",
                 "spec_action",
+            )
+        if fragment.core_state.shape[2] != self.core_size:
+            raise InvalidFragment(
+                f"core_state has core_size {fragment.core_state.shape[2]}, this run's policy "
+                f"has {self.core_size}",
+                "spec_core",
             )
         return fragment
 
@@ -389,6 +438,7 @@ class Batch(_TimeMajor):
     truncated: np.ndarray  # [T, N]
     autoreset: np.ndarray  # [T, N]
     behaviour_logp: np.ndarray  # [T, N]
+    core_state: np.ndarray  # [2, N, core_size]
     policy_version: np.ndarray  # [N] int64: version that produced each column
     actor_id: np.ndarray  # [N] int64
     fragment_ids: tuple[str, ...]  # one per fragment, in column order

@@ -26,9 +26,11 @@ def _make_fragment(
     actor_id: int = 0,
     fragment_id: str | None = None,
     seed: int = 0,
+    core_size: int = 0,
 ) -> Fragment:
     """A valid random fragment: discrete actions unless `action_shape`, episodes that end
-    inside it, and autoreset set exactly on the step after each end."""
+    inside it, autoreset set exactly on the step after each end, and a random core state of
+    `core_size` units (0: a feed-forward policy's empty one)."""
     rng = np.random.default_rng(seed)
     if obs_dtype == "uint8":
         obs = rng.integers(0, 256, (t + 1, n, *obs_shape), dtype=np.uint8)
@@ -56,6 +58,7 @@ def _make_fragment(
         truncated=truncated,
         autoreset=autoreset,
         behaviour_logp=-rng.random((t, n)).astype(np.float32),
+        core_state=rng.standard_normal((2, n, core_size)).astype(np.float32),
         policy_version=policy_version,
         actor_id=actor_id,
         fragment_id=fragment_id if fragment_id is not None else f"f{next(_fragment_ids)}",

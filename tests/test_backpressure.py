@@ -28,6 +28,7 @@ def _fragment(fragment_id: str) -> Fragment:
         truncated=zeros,
         autoreset=zeros,
         behaviour_logp=np.full((t, n), -0.7, np.float32),
+        core_state=np.zeros((2, n, 0), np.float32),
         policy_version=0,
         actor_id=0,
         fragment_id=fragment_id,

@@ -34,9 +34,19 @@ OBS_KINDS = {
     actor_id=st.integers(0, 2**63 - 1),
     fragment_id=st.text(min_size=1, max_size=40),
     seed=st.integers(0, 2**32 - 1),
+    core_size=st.sampled_from([0, 1, 5]),
 )
 def test_round_trip(
-    make_fragment, t, n, obs_kind, action_shape, policy_version, actor_id, fragment_id, seed
+    make_fragment,
+    t,
+    n,
+    obs_kind,
+    action_shape,
+    policy_version,
+    actor_id,
+    fragment_id,
+    seed,
+    core_size,
 ):
     obs_shape, obs_dtype = OBS_KINDS[obs_kind]
     fragment = make_fragment(
@@ -49,6 +59,7 @@ def test_round_trip(
         actor_id=actor_id,
         fragment_id=fragment_id,
         seed=seed,
+        core_size=core_size,
     )
     decoded = codec.decode(codec.encode(fragment))
     for name in (*FIELD_NAMES, *EPISODE_FIELDS):
@@ -137,16 +148,16 @@ MALFORMED = [
         "future_version",
         lambda f: _message(f, schema_version=SCHEMA_VERSION + 1),
         "schema_version",
-        rf"unknown schema_version {SCHEMA_VERSION + 1}: this build reads version 2",
+        rf"unknown schema_version {SCHEMA_VERSION + 1}: this build reads version {SCHEMA_VERSION}",
         {},
     ),
     (
-        # Version 1 repeated every stacked frame K times (obs [T+1, N, K, H, W]).
-        "old_version",
-        lambda f: _message(f, schema_version=1),
+        # What an older offpg sends: every stacked frame repeated K times and no core_state.
+        "version_1",
+        lambda f: _message(f, schema_version=1, core_state=...),
         "schema_version",
-        r"schema_version 1 is the format before stacked frames were stored once per fragment: "
-        r"this build reads version 2 only",
+        r"schema_version 1 is older than this build's 2 \(version 2 stores stacked frames once "
+        r"per fragment and adds core_state, .*\): .* actors and replay must run the same offpg$",
         {},
     ),
     ("missing_field", lambda f: _message(f, truncated=...), "missing_field", r"truncated$", {}),
@@ -235,6 +246,34 @@ MALFORMED = [
         lambda f: _replace(f, actions=f.actions[:, :1]),
         "shape",
         r"actions has shape \(4, 1\), expected \[T=4, N=2",
+        {},
+    ),
+    (
+        "core_state_rows",
+        lambda f: _replace(f, core_state=np.zeros((3, 2, 4), np.float32)),
+        "shape",
+        r"core_state has shape \(3, 2, 4\), expected \[2, N=2, \.\.\.\]",
+        {},
+    ),
+    (
+        "core_state_rank",
+        lambda f: _replace(f, core_state=np.zeros((2, 2), np.float32)),
+        "shape",
+        r"core_state has shape \(2, 2\), expected \[2, N=2, core_size\]",
+        {},
+    ),
+    (
+        "core_state_dtype",
+        lambda f: _replace(f, core_state=np.zeros((2, 2, 3), np.float64)),
+        "dtype",
+        r"core_state has dtype float64",
+        {},
+    ),
+    (
+        "core_state_nan",
+        lambda f: _replace(f, core_state=np.full((2, 2, 3), np.nan, np.float32)),
+        "non_finite",
+        r"core_state has a NaN or inf",
         {},
     ),
     (

@@ -37,12 +37,21 @@ def _misfits(make_fragment):
         "obs dtype": (make_fragment(4, 2, obs_shape=(4,), obs_dtype="uint8"), "spec_obs"),
         "continuous actions": (make_fragment(4, 2, action_shape=(4,)), "spec_action"),
         "unroll length": (make_fragment(3, 2), "spec_shape"),
+        "core state": (make_fragment(4, 2, core_size=8), "spec_core"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["action 10**6", "action -5", "obs shape", "obs dtype", "continuous actions", "unroll length"],
+    [
+        "action 10**6",
+        "action -5",
+        "obs shape",
+        "obs dtype",
+        "continuous actions",
+        "unroll length",
+        "core state",
+    ],
 )
 def test_insert_refuses_schema_valid_fragments_that_do_not_fit_the_run(make_fragment, case):
     fragment, reason = _misfits(make_fragment)[case]

@@ -18,7 +18,8 @@ from actors.envs import (
     probe_spaces,
     seeded_reset,
 )
-from actors.rollout import ActorConfig, LocalWeights, MemorySink, RolloutActor
+from actors.ports import LocalWeights, MemorySink
+from actors.rollout import ActorConfig, RolloutActor
 from deploy.config import load_config
 from deploy.inprocess import job_fragment_spec, job_policy_spec
 from learner.policy import make_policy, state_dict_to_numpy

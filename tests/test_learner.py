@@ -54,6 +54,7 @@ def make_batch(
         behaviour_logp=(
             np.full((t, b), LOG_HALF, np.float32) if behaviour_logp is None else behaviour_logp
         ),
+        core_state=np.zeros((2, b, 0), np.float32),
         policy_version=np.full(b, policy_version, np.int64),
         actor_id=np.zeros(b, np.int64),
         fragment_ids=("f0",),

@@ -32,6 +32,7 @@ def _fragment(fragment_id: str, policy_version: int) -> Fragment:
         truncated=zeros,
         autoreset=zeros,
         behaviour_logp=np.full((t, n), -0.7, np.float32),
+        core_state=np.zeros((2, n, 0), np.float32),
         policy_version=policy_version,
         actor_id=int(fragment_id.split("-")[0][1:]),
         fragment_id=fragment_id,

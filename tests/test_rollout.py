@@ -14,12 +14,11 @@ import scripted_env
 import torch
 
 from actors.envs import EnvConfig, env_seeds, policy_spec, probe_spaces
+from actors.ports import LocalWeights, MemorySink
 from actors.rollout import (
     MAX_CONSECUTIVE_ENV_ERRORS,
     MAX_NUM_ENVS,
     ActorConfig,
-    LocalWeights,
-    MemorySink,
     RolloutActor,
 )
 from learner.policy import PolicySpec, load_numpy_state_dict, make_policy, state_dict_to_numpy

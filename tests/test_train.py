@@ -4,6 +4,7 @@ is logged; and the learning tests, each to an env-step budget (never a wall-cloc
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,38 @@ def test_short_run_logs_every_tag_and_actors_sync(local_ray, tmp_path):
     assert max(e.value for e in events.Scalars(tags.ACTORS_COUNT)) == 2
     assert max(e.value for e in events.Scalars(tags.LEARNER_SAMPLES_PER_S)) > 0
     assert "config/text_summary" in events.Tags()["tensors"], "the config is logged as text"
+
+
+def test_a_recurrent_run_resumes_its_checkpoint_and_its_replay_snapshot(
+    local_ray, tmp_path, capsys
+):
+    """An LSTM policy through the Ray job, stopped and resumed with `--resume`: the learner
+    restores the recurrent network from its checkpoint, the replay shards restore the stored
+    fragments with their core states (a lost or mis-sized state would be refused at restore),
+    and the resumed run keeps learning."""
+    recipe = Path(__file__).parent.parent / "deploy" / "configs" / "cartpole_novel_lstm.toml"
+    common = [
+        "run.num_actors=1",
+        "run.target_return=none",
+        "actors.num_envs=8",
+        "policy.core_size=16",
+    ]
+    names = {"run.logdir": str(tmp_path), "run.name": "lstm"}
+    first = train(load_config(recipe, [*common, "run.max_env_steps=12000"], extra=names))
+    assert first.ok and first.stop_reason == "env-step budget reached", first.line()
+    assert first.learner_version > 0 and first.checkpoint
+    capsys.readouterr()
+    second = train(
+        load_config(recipe, [*common, "run.max_env_steps=24000", "run.resume=true"], extra=names)
+    )
+    out = capsys.readouterr().out
+    assert second.ok, second.line()
+    resumed = re.search(r"resumes from checkpoint version (\d+) at ([\d,]+) env steps", out)
+    assert resumed and int(resumed[1]) == first.learner_version, out
+    restored = re.search(r"replay service restored (\d+) fragments from \S+\n", out)
+    assert restored and int(restored[1]) > 0, out
+    assert second.learner_version > first.learner_version
+    assert second.env_steps >= 24_000
 
 
 @pytest.mark.slow

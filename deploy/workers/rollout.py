@@ -21,7 +21,7 @@ from replay.service import InsertResult
 
 
 class RaySink:
-    """`actors.rollout.FragmentSink` over the replay actor, with bounded inserts in flight.
+    """`actors.ports.FragmentSink` over the replay actor, with bounded inserts in flight.
 
     An insert the replay holds back (`InsertResult.HELD_BACK`: its rate limiter waits for the
     learner) is sent again until it is accepted or rejected: the actor blocks, which is the
