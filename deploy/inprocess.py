@@ -39,7 +39,7 @@ from learner.broadcast import WeightStore
 from learner.learner import Learner, StepMetrics
 from learner.policy import PolicySpec
 from replay.service import ReplayService
-from replay.trajectory import FragmentSpec
+from replay.spec import FragmentSpec
 
 #: Episodes the mean return (and the target) is taken over, as in a Ray job.
 RETURN_WINDOW = 100

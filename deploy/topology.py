@@ -38,7 +38,7 @@ from learner.learner import LearnerConfig
 from learner.policy import PolicySpec
 from replay.service import ReplayConfig
 from replay.shards import shard_configs
-from replay.trajectory import FragmentSpec
+from replay.spec import FragmentSpec
 
 
 @dataclasses.dataclass

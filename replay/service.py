@@ -47,8 +47,9 @@ from collections import Counter
 from replay import codec
 from replay import snapshot as snapshot_file
 from replay.config import ReplayConfig
+from replay.spec import FragmentSpec
 from replay.table import Item, Table
-from replay.trajectory import Batch, Fragment, FragmentSpec, InvalidFragment, validate
+from replay.trajectory import Batch, Fragment, InvalidFragment, validate
 
 log = logging.getLogger(__name__)
 

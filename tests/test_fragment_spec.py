@@ -13,7 +13,8 @@ import pytest
 
 from replay import codec
 from replay.service import InsertResult, ReplayConfig, ReplayService
-from replay.trajectory import Batch, FragmentSpec, InvalidFragment, validate
+from replay.spec import FragmentSpec
+from replay.trajectory import Batch, InvalidFragment, validate
 
 SPEC = FragmentSpec(
     obs_shape=(4,), obs_dtype="float32", action_kind="discrete", action_dim=4, unroll_length=4

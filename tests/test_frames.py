@@ -27,7 +27,8 @@ from learner.prefetch import stack_frames, to_tensors
 from replay import frames
 from replay.codec import decode, encode
 from replay.service import InsertResult, ReplayConfig, ReplayService
-from replay.trajectory import Batch, FragmentSpec, InvalidFragment, validate
+from replay.spec import FragmentSpec
+from replay.trajectory import Batch, InvalidFragment, validate
 
 FRAMES_ID = "frames_env:make"
 

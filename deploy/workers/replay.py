@@ -14,7 +14,7 @@ import ray
 
 from deploy.workers import was_restarted
 from replay.service import InsertResult, ReplayConfig, ReplayService
-from replay.trajectory import FragmentSpec
+from replay.spec import FragmentSpec
 
 log = logging.getLogger(__name__)
 
