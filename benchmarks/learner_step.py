@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from actors.rollout import LocalWeights, MemorySink, RolloutActor  # noqa: E402
+from actors.ports import LocalWeights, MemorySink  # noqa: E402
+from actors.rollout import RolloutActor  # noqa: E402
 from deploy.config import JobConfig, load_config  # noqa: E402
 from deploy.inprocess import job_policy_spec  # noqa: E402
 from learner.learner import Learner  # noqa: E402
