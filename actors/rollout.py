@@ -43,6 +43,8 @@ MAX_CONSECUTIVE_ENV_ERRORS = 5
 #: Seconds between an actor's first checks for the learner's first weights: doubling from the
 #: first to the second (`RolloutActor.run`).
 _FIRST_WEIGHTS_POLL_S = (0.002, 0.1)
+#: Seconds between checks for a higher step limit while `run` waits at its limit.
+_LIMIT_POLL_S = 0.01
 
 
 #: Upper bounds of an actor's sizes: envs stepped together, steps per fragment.
@@ -100,6 +102,11 @@ class ActorStats:
     max_lag_waits: int  # times the actor was over max_lag and had to fetch before acting
     env_errors: int  # env exceptions recovered from by rebuilding the vector env
     invalid_fragments: int = 0  # fragments the codec refused (e.g. NaN rewards): dropped
+    # Where the time went, seconds summed over the fragments sent: the policy's batched
+    # inference and stepping the envs. (Time blocked handing fragments over is the sink's to
+    # say: deploy's RaySink reports it as `backpressure_s`.)
+    inference_s: float = 0.0
+    env_s: float = 0.0
 
 
 class _EnvFailure(Exception):
@@ -109,8 +116,8 @@ class _EnvFailure(Exception):
 class RolloutActor:
     """Collects fragments from `actor_config.num_envs` envs with a stale copy of the policy.
 
-    Not thread-safe except `stats()`, which may be called from another thread while `run()`
-    collects.
+    `step_limit` is the first `set_step_limit`. Not thread-safe except `stats()` and
+    `set_step_limit()`, which may be called from another thread while `run()` collects.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class RolloutActor:
         *,
         sink: FragmentSink,
         weights: WeightSource,
+        step_limit: int | None = None,
     ) -> None:
         torch.set_num_threads(actor_config.torch_threads)
         # Action sampling draws from torch's global generator: seed it like the envs, so an
@@ -151,11 +159,13 @@ class RolloutActor:
         self.stepping_since: float | None = None
         self._lock = threading.Lock()  # guards the counters below, read by stats()
         self._env_steps = 0
+        self._step_limit: int | None = step_limit
         self._fragments = 0
         self._weight_syncs = 0
         self._max_lag_waits = 0
         self._env_errors = 0
         self._invalid_fragments = 0
+        self._times = {"inference_s": 0.0, "env_s": 0.0}
         self._new_returns: list[float] = []
         self._new_lengths: list[int] = []
         # State carried from one fragment to the next.
@@ -194,7 +204,7 @@ class RolloutActor:
             try:
                 if self._needs_rebuild:
                     self._rebuild_env()
-                fragment, returns, lengths = self._unroll()
+                fragment, returns, lengths, times = self._unroll()
                 break
             except _EnvFailure as err:
                 failures += 1
@@ -213,6 +223,8 @@ class RolloutActor:
         with self._lock:
             self._env_steps += fragment.rewards.size
             self._fragments += 1
+            for key, seconds in times.items():
+                self._times[key] += seconds
             self._new_returns.extend(returns)
             self._new_lengths.extend(lengths)
         return fragment
@@ -227,8 +239,20 @@ class RolloutActor:
         with self._lock:
             self._invalid_fragments += 1
 
+    def set_step_limit(self, limit: int | None) -> None:
+        """Collect in `run` only while `env_steps` is below `limit` (None: no limit); a fragment
+        under way is finished. The job's driver hands out its env-step budget this way
+        (`deploy.budget`). Thread-safe."""
+        with self._lock:
+            self._step_limit = limit
+
+    def _at_limit(self) -> bool:
+        with self._lock:
+            return self._step_limit is not None and self._env_steps >= self._step_limit
+
     def run(self, stop: threading.Event) -> None:
         """Collect until `stop` is set, then flush the sink (every collected fragment is sent).
+        At the step limit it waits, for a higher limit or for `stop`.
 
         An actor that holds no published weights yet (started before the learner's first
         publish) first waits for them, so that every fragment it sends was acted by the version
@@ -240,6 +264,9 @@ class RolloutActor:
                 delay = min(delay * 2, _FIRST_WEIGHTS_POLL_S[1])
             self.stepping_since = time.time()
             while not stop.is_set():
+                if self._at_limit():
+                    stop.wait(_LIMIT_POLL_S)
+                    continue
                 self.collect()
         finally:
             self._sink.flush()
@@ -260,6 +287,7 @@ class RolloutActor:
                 max_lag_waits=self._max_lag_waits,
                 env_errors=self._env_errors,
                 invalid_fragments=self._invalid_fragments,
+                **self._times,
             )
 
     def close(self) -> None:
@@ -267,7 +295,9 @@ class RolloutActor:
 
     # -- stepping --------------------------------------------------------------------------------
 
-    def _unroll(self) -> tuple[Fragment, list[float], list[int]]:
+    def _unroll(self) -> tuple[Fragment, list[float], list[int], dict[str, float]]:
+        """Play one fragment: the fragment, the episodes that ended in it (returns, lengths),
+        and the seconds spent in inference and in the envs."""
         t_len, n = self._config.unroll_length, self._config.num_envs
         obs = np.empty((t_len + 1, n, *self._spec.obs_shape), self._obs_dtype)
         actions = np.empty((t_len, n, *self._action_shape), self._action_dtype)
@@ -281,10 +311,12 @@ class RolloutActor:
         obs[0] = self._obs
         prev_done, done, live = self._prev_done, np.empty(n, bool), np.empty(n, bool)
         ep_return, ep_length = self._ep_return, self._ep_length
-        act, env = self._policy.act, self._env
+        act, env, clock = self._policy.act, self._env, time.perf_counter
+        inference_s = env_s = 0.0
         core_state = state = self._core_state
         recurrent = self._spec.core_size > 0
         for t in range(t_len):
+            start = clock()
             if recurrent:
                 out = act(obs[t], state)
                 state = out.core_state
@@ -297,10 +329,14 @@ class RolloutActor:
             actions[t] = out.actions
             logp[t] = out.logp
             autoreset[t] = prev_done
+            stepped = clock()
             try:
                 next_obs, reward, term, trunc, _ = env.step(out.actions)
             except Exception as err:
                 raise _EnvFailure() from err
+            done_at = clock()
+            inference_s += stepped - start
+            env_s += done_at - stepped
             obs[t + 1] = next_obs
             rewards[t] = reward
             terminated[t] = term
@@ -335,7 +371,7 @@ class RolloutActor:
             episode_returns=np.asarray(returns, np.float32),
             episode_lengths=np.asarray(lengths, np.int32),
         )
-        return fragment, returns, lengths
+        return fragment, returns, lengths, {"inference_s": inference_s, "env_s": env_s}
 
     def _reset_env(self) -> None:
         seeds = env_seeds(

@@ -59,7 +59,7 @@ from deploy import topology
 from deploy.config import JobConfig, RunConfig, load_config
 from deploy.fleet import ActorState, Fleet
 from deploy.inprocess import job_policy_spec
-from deploy.job import ASK_AHEAD_S, Faults
+from deploy.job import Faults
 from deploy.replay_shards import ReplayShards
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -165,28 +165,27 @@ def _timed(call: Any) -> tuple[Any, float | None]:
 
 
 def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
-    """Poll as `deploy.job` does for `seconds`: ask the actors `ASK_AHEAD_S` before each poll,
-    then take their answers, drain the learner and poll the replay shards; the poll's time is
-    the driver's own work (as `driver/poll_ms`), not its sleeps."""
+    """Poll as `deploy.job` does for `seconds`, every `poll_every` s: take the answers to the
+    last poll's stats calls that are back and ask again, drain the learner and poll the replay
+    shards; the poll's time is the driver's own work (as `driver/poll_ms`), not its sleeps.
+    (`deploy.job` spaces its polls by `deploy.points.PointClock.tick_s`, 0.05-0.25 s and at
+    least 10x a poll's CPU; a fixed interval here keeps the points comparable.)"""
     topo, shards = point["topo"], point["shards"]
     samples: list[Sample] = []
     steps: list[Any] = []
     t0 = time.monotonic()
-    while (now := time.monotonic() - t0) < seconds:
-        time.sleep(max(poll_every - ASK_AHEAD_S, 0.0))
-        started = time.perf_counter()
-        fleet.ask()
-        busy = time.perf_counter() - started
-        time.sleep(max(t0 + now + poll_every - time.monotonic(), 0.0))
+    while time.monotonic() - t0 < seconds:
+        time.sleep(poll_every)
         started = time.perf_counter()
         fleet.take_ready()
-        fleet_s = busy + time.perf_counter() - started
+        fleet.ask()
+        fleet_s = time.perf_counter() - started
         counters = {"env_steps": fleet.env_steps}
         drained, _ = _timed(
             lambda c=counters: ray.get(topo.learner.drain.remote(c), timeout=CONTROL_TIMEOUT_S)
         )
         stats, stats_s = _timed(lambda: shards.poll(fleet.acknowledged_by_shard()))
-        poll_s = busy + time.perf_counter() - started
+        poll_s = time.perf_counter() - started
         now = time.monotonic() - t0
         if drained is not None:
             steps += [(now, m) for m in drained["steps"]]

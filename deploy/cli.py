@@ -77,22 +77,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_cluster_parsers(sub)
 
-    tb = sub.add_parser("tensorboard", help="start TensorBoard on localhost for a run directory")
+    tb = sub.add_parser(
+        "tensorboard",
+        help="start TensorBoard for a run directory (on 127.0.0.1 unless --host)",
+        description="TensorBoard over a run (or a parent of runs). It listens on 127.0.0.1: "
+        "from another machine use an SSH tunnel (ssh -L 6006:127.0.0.1:6006 HOST), or --host "
+        "to listen on another address (TensorBoard has no authentication).",
+    )
     tb.add_argument("run_dir", nargs="?", default="runs", help="run or parent directory")
     tb.add_argument("--port", type=int, default=6006)
+    tb.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every "
+        "interface, with a warning)",
+    )
 
     plot = sub.add_parser(
         "plot",
         help="learning curves from TensorBoard event files (line + band across seeds)",
         description="Plain RUN_DIRs are seeds of one curve; each 'LABEL=GLOB' is a curve of its "
-        "own over the runs the glob matches (quote it). Line: mean across seeds of the "
-        "smoothed runs; band: lowest to highest seed.",
+        "own over the runs the glob matches (quote it). Line: mean across seeds (of the runs "
+        "as logged; --smooth to smooth them); band: lowest to highest seed; dashed: the runs' "
+        "target return.",
     )
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directory or LABEL=GLOB")
     plot.add_argument("--tag", default="episode/return_mean", help="scalar tag to plot")
     plot.add_argument("--out", default="curves.png", help="PNG file to write")
     plot.add_argument(
-        "--smooth", type=float, default=0.6, help="TensorBoard-style EMA weight in [0, 1)"
+        "--smooth",
+        type=float,
+        default=0.0,
+        help="TensorBoard-style EMA weight in [0, 1) (default 0: no smoothing)",
     )
     return parser
 
@@ -259,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return commands.run_command(args.command, args)
     if args.command == "tensorboard":
-        return _tensorboard(args.run_dir, args.port)
+        return _tensorboard(args.run_dir, args.port, args.host)
     if args.command == "plot":
         return _plot(args)
     parser.error(f"unknown command {args.command}")
@@ -298,13 +314,38 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tensorboard(run_dir: str, port: int) -> int:
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: say so rather than resolve it
+        return False
+
+
+def _tensorboard(run_dir: str, port: int, host: str = "127.0.0.1") -> int:
     from tensorboard import program
 
+    if not _is_loopback(host):
+        print(
+            f"offpg tensorboard: listening on {host}, beyond this machine: TensorBoard has no "
+            "authentication, so whoever reaches this port reads every run under "
+            f"{run_dir}; an SSH tunnel (ssh -L {port}:127.0.0.1:{port} THIS_HOST) keeps it "
+            "private",
+            file=sys.stderr,
+        )
     board = program.TensorBoard()
-    board.configure(argv=[None, "--logdir", run_dir, "--host", "127.0.0.1", "--port", str(port)])
-    url = board.launch()
-    print(f"TensorBoard at {url} (logdir {run_dir}); Ctrl-C stops it", flush=True)
+    board.configure(argv=[None, "--logdir", run_dir, "--host", host, "--port", str(port)])
+    url = board.launch().rstrip("/")
+    # The custom-scalars dashboard each run writes (deploy.metrics.LAYOUT), unsmoothed.
+    print(
+        f"TensorBoard at {url}/ (logdir {run_dir}); the offpg dashboard, unsmoothed: "
+        f"{url}/#custom_scalars&_smoothingWeight=0 (untick 'Ignore outliers in chart "
+        "scaling' there to see every point); Ctrl-C stops it",
+        flush=True,
+    )
     try:
         import time
 

@@ -148,7 +148,9 @@ def format_status(s: dict[str, Any]) -> str:
         f"mean return {_num(s.get('return_mean'), '.1f')}",
         f"learner  v{s['learner']['version']} on {s['learner']['device']}, "
         f"{_num(s.get('learner_samples_per_s'))} samples/s, policy lag "
-        f"{_num(s.get('policy_lag_mean'), '.1f')} mean / {_num(s.get('policy_lag_max'), 'g')} max",
+        f"{_num(s.get('policy_lag_mean'), '.1f')} mean / {_num(s.get('policy_lag_max'), 'g')} max"
+        f" (acting lag {_num(s.get('acting_lag_mean'), '.1f')} + data age "
+        f"{_num(s.get('data_age_mean'), '.1f')})",
         f"replay   {_num(replay.get('size_fragments'))} fragments "
         f"({_num(replay.get('size_bytes', 0) / 2**20, '.1f')} MiB), "
         f"{_num(replay.get('inserted_per_s'), '.1f')} inserted/s, "

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import ray
 
 from deploy import topology
+from deploy.budget import StepBudget
 from deploy.config import JobConfig
 from deploy.timeline import Timeline
 from learner.policy import PolicySpec
@@ -86,6 +87,10 @@ class ActorCounters:
     invalid: int = 0  # fragments the codec refused at the actor (NaN rewards)
     held_back: int = 0  # inserts the replay held back, each sent again
     backpressure_s: float = 0.0  # seconds the actor waited for its inserts to settle
+    fragments: int = 0  # fragments sent
+    # Seconds summed over the fragments sent (`actors.rollout.ActorStats`).
+    inference_s: float = 0.0
+    env_s: float = 0.0
 
     @classmethod
     def from_stats(cls, stats: dict[str, Any]) -> ActorCounters:
@@ -95,6 +100,9 @@ class ActorCounters:
             inserted=int(stats.get("inserted", 0)),
             invalid=int(stats.get("invalid_fragments", 0)),
             held_back=int(stats.get("held_back", 0)),
+            fragments=int(stats.get("fragments", 0)),
+            inference_s=float(stats.get("inference_s", 0.0)),
+            env_s=float(stats.get("env_s", 0.0)),
             backpressure_s=float(stats.get("backpressure_s", 0.0)),
         )
 
@@ -170,6 +178,9 @@ class Fleet:
         #: When each live actor was last asked for its stats, counted in asks (`ask`).
         self._last_asked: dict[int, int] = {}
         self._asks = itertools.count()
+        #: The run's env-step budget, handed to the actors in grants.
+        fragment = config.actors.num_envs * config.actors.unroll_length
+        self.budget = StepBudget(config.run.max_env_steps, fragment)
 
     # -- what the fleet reports ----------------------------------------------------------------
 
@@ -274,11 +285,27 @@ class Fleet:
         self._spawn(actor_id)
 
     def _forget(self, actor_id: int) -> None:
-        """Drop a removed actor; its counts go into `retired`, so totals never go backwards."""
+        """Drop a removed actor; its counts go into `retired`, so totals never go backwards,
+        and its unused env-step allowance is free again."""
         counters = self.state.pop(actor_id).counters
         self._last_asked.pop(actor_id, None)
         self.retired += counters
         self._retired_acks[actor_id % len(self._topo.shards)] += counters.inserted
+        self.budget.forget(actor_id)
+
+    # -- the env-step budget -------------------------------------------------------------------
+
+    def grant_steps(self, poll_s: float) -> None:
+        """Raise the step limits of the actors that need room, out of what is left of the
+        budget (`deploy.budget`); a one-way call per grant, a few dozen per actor per run."""
+        reports = {i: s.counters.env_steps for i, s in self.state.items() if not s.pending}
+        grants = self.budget.grants(reports, self.retired.env_steps, time.monotonic(), poll_s)
+        for actor_id, limit in grants.items():
+            self._topo.actors[actor_id].set_step_limit.remote(limit)
+
+    def budget_spent(self) -> bool:
+        """Every env step of the budget is granted and every running actor has used its own."""
+        return self.budget.exhausted(self.retired.env_steps)
 
     # -- polling -------------------------------------------------------------------------------
 

@@ -2,13 +2,15 @@
 
 `train(config)` is what `offpg train` runs. It starts an embedded Ray (or connects to
 `run.address`), wires the replay shards, weight store, learner and rollout actors
-(`deploy.topology`), and then, every `run.log_every` seconds, polls them (`deploy.fleet`
-restarts dead actors, `deploy.replay_shards` counts replay restarts), records the poll
-(`deploy.report`: TensorBoard points, progress line, status), obeys the orders of `offpg scale
-| stop` (`deploy.controller`), and checks the stop rules: the step budget or the target return.
-Ctrl-C and a learner failure stop it too. Every exit path stops the actors (their last fragment
-is sent), writes the learner's final checkpoint and a snapshot of every replay shard, flushes
-the logs and shuts down the Ray it started.
+(`deploy.topology`), and then polls them as often as the TensorBoard points need
+(`deploy.points`; `deploy.fleet` restarts dead actors and grants env steps out of the budget,
+`deploy.budget`; `deploy.replay_shards` counts replay restarts), records each poll
+(`deploy.report`) and checks the stop rules (the env-step budget, the target return); every
+`run.log_every` seconds it also shows the progress line, publishes the status and obeys the
+orders of `offpg scale | stop` (`deploy.controller`). Ctrl-C and a learner failure stop it too.
+Every exit path stops the actors (their last fragment is sent), writes the learner's final
+checkpoint and a snapshot of every replay shard, flushes the logs and shuts down the Ray it
+started.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import ray
 
 from deploy import report, session, topology
-from deploy.config import ConfigError, JobConfig, RunConfig
+from deploy.config import ConfigError, JobConfig
 from deploy.controller import Orders
 from deploy.fleet import Fleet
 from deploy.inprocess import job_policy_spec
@@ -34,17 +36,6 @@ from learner import checkpoint
 
 #: Seconds the learner may stay unreachable (Ray restarting it) before the run fails.
 LEARNER_RESTART_TIMEOUT_S = 180.0
-#: Between the full polls (every `run.log_every` s) the driver takes the actors' stats answers
-#: this often and asks `SOLVE_CHECK_ACTORS` more (those asked longest ago): the target return or
-#: the step budget is seen within about this long of the reports that show it.
-SOLVE_CHECK_S = 0.25
-#: Actors asked for their stats at each of those checks: at most this many calls per check,
-#: however large the fleet. A handful of actors' episodes since their last report fill the
-#: return window many times over.
-SOLVE_CHECK_ACTORS = 8
-#: Seconds before each full poll that every actor is asked (one stats call each): their
-#: answers are back when the poll takes them.
-ASK_AHEAD_S = 0.5
 #: Seconds the controller lives on after the final status when `offpg stop` waits for it.
 STOP_ANSWER_S = 0.5
 
@@ -284,19 +275,20 @@ def stop_learner(
         return {}
 
 
-#: A hook run after every poll of `train`; a true result stops the run.
+#: A hook run after every full poll of `train` (every `run.log_every` s); a true result stops
+#: the run.
 OnPoll = Callable[[Job], bool | None]
 
 
 def train(config: JobConfig, on_poll: OnPoll | None = None, *, exiting: bool = False) -> RunSummary:
     """Run a training job to its budget, its target or Ctrl-C; see the module docstring.
 
-    `on_poll(job)`, when given, runs after every poll (fault-injection tests and
-    `benchmarks/chaos.py` kill components from it); a true result stops the run. The summary is
-    printed before Ray is shut down, and summary.json written again after, with the `exit`
-    moment of its timeline (`deploy.timeline`). `exiting`: the process ends as soon as this
-    returns (the `offpg` program), so an embedded Ray is left to end with it
-    (`deploy.session.shut_down`).
+    `on_poll(job)`, when given, runs after every full poll, every `run.log_every` s
+    (fault-injection tests and `benchmarks/chaos.py` kill components from it); a true result
+    stops the run. The summary is printed before Ray is shut down, and summary.json written
+    again after, with the `exit` moment of its timeline (`deploy.timeline`). `exiting`: the
+    process ends as soon as this returns (the `offpg` program), so an embedded Ray is left to
+    end with it (`deploy.session.shut_down`).
     """
     timeline = Timeline()
     timeline.mark("train_called")
@@ -316,7 +308,7 @@ def train(config: JobConfig, on_poll: OnPoll | None = None, *, exiting: bool = F
             stop = Stop("interrupted")
         finally:
             timeline.mark("stop_seen")
-            final = _stop_job(job, reporter)
+            final = _stop_job(job, reporter, stop)
             timeline.mark("stopped")
         summary = report.summarise(job, stop, final, time.monotonic() - started_at)
         summary.save(job.run_dir)
@@ -333,12 +325,18 @@ def train(config: JobConfig, on_poll: OnPoll | None = None, *, exiting: bool = F
 
 
 def _drive(job: Job, reporter: Reporter, on_poll: OnPoll | None) -> Stop:
-    """Every `run.log_every` s: poll, record, obey the controller's orders, check stop rules."""
+    """Poll often enough for the TensorBoard points (`deploy.points`), grant env steps and
+    check the stop rules at every poll; every `run.log_every` s also publish the status, run
+    `on_poll` and obey the controller's orders."""
     run, fleet = job.config.run, job.fleet
+    next_status = time.monotonic() + run.log_every
     while True:
-        busy_s = _wait_for_poll(fleet, run)
-        start = time.perf_counter()
+        time.sleep(reporter.clock.tick_s())
+        start, cpu = time.perf_counter(), time.thread_time()
+        # The actors' answers to the last poll's stats calls are back by now and are taken
+        # without waiting; this poll's calls are answered for the next one.
         fleet.take_ready()
+        fleet.ask()
         learner = job.drain_learner()
         if learner is None:  # being restarted by Ray
             continue
@@ -349,66 +347,60 @@ def _drive(job: Job, reporter: Reporter, on_poll: OnPoll | None) -> Stop:
         job.version = learner["version"]
         replay = job.poll_replay()
         # The driver's own time for this poll: asking the actors, taking their answers, the
-        # learner's and the replay shards' calls (not the sleeps between).
-        job.poll_ms = (busy_s + time.perf_counter() - start) * 1000
-        orders = job.publish(reporter.record(learner, replay))
-        if on_poll is not None and on_poll(job):
-            return Stop("stopped by on_poll")
-        if orders is not None and orders.stop:
-            return Stop(orders.stop_reason or "stop requested")
-        if orders is not None and orders.desired_actors != fleet.size:
-            print(
-                f"\noffpg: scaling from {fleet.size} to {orders.desired_actors} actor(s)",
-                file=sys.stderr,
-            )
-            fleet.scale(orders.desired_actors)
-        fleet.notice_pending()
+        # learner's and the replay shards' calls (not the sleep between polls).
+        job.poll_ms = (time.perf_counter() - start) * 1000
+        fleet.grant_steps(reporter.clock.tick_s())
+        # What the poll cost: this thread's CPU time, not the calls' latency (nor the CPU of
+        # Ray's own threads while it waits, which a loaded machine inflates).
+        reporter.record(learner, replay, time.thread_time() - cpu)
         if fleet.episodes.reached(run.target_return):
             return Stop(
                 f"target return {run.target_return:g} reached",
                 solved_at=(reporter.env_steps, reporter.wall_s),
             )
-        if reporter.env_steps >= run.max_env_steps:
+        if reporter.env_steps >= run.max_env_steps or fleet.budget_spent():
             return Stop("env-step budget reached")
+        if time.monotonic() < next_status:
+            continue
+        next_status = time.monotonic() + run.log_every
+        stop = _full_poll(job, reporter, learner, on_poll)
+        if stop is not None:
+            return stop
 
 
-def _wait_for_poll(fleet: Fleet, run: RunConfig) -> float:
-    """Sleep until the next full poll, `run.log_every` s. Every `SOLVE_CHECK_S` take the actors'
-    stats answers that are back and ask `SOLVE_CHECK_ACTORS` more (those asked longest ago);
-    from `ASK_AHEAD_S` before the poll on, ask every actor with no call in flight, so the poll
-    takes all of them. Return earlier once the answers show the target return or the env-step
-    budget reached. Returns the seconds spent asking and taking (the driver's work, not its
-    sleep)."""
-    deadline = time.monotonic() + run.log_every
-    busy = 0.0
-    asked_all = False
-    while (remaining := deadline - time.monotonic()) > 0:
-        start = time.perf_counter()
-        ask_all = not asked_all and remaining <= ASK_AHEAD_S
-        fleet.ask(None if ask_all else SOLVE_CHECK_ACTORS)
-        asked_all |= ask_all
-        busy += time.perf_counter() - start
-        time.sleep(min(remaining, SOLVE_CHECK_S))
-        start = time.perf_counter()
-        fleet.take_ready()
-        busy += time.perf_counter() - start
-        if fleet.episodes.reached(run.target_return) or fleet.env_steps >= run.max_env_steps:
-            break
-    return busy
+def _full_poll(
+    job: Job, reporter: Reporter, learner: dict[str, Any], on_poll: OnPoll | None
+) -> Stop | None:
+    """Publish the status, run `on_poll`, obey the orders of `offpg scale | stop`."""
+    fleet = job.fleet
+    orders = job.publish(reporter.status(learner.get("last_checkpoint")))
+    if on_poll is not None and on_poll(job):
+        return Stop("stopped by on_poll")
+    if orders is not None and orders.stop:
+        return Stop(orders.stop_reason or "stop requested")
+    if orders is not None and orders.desired_actors != fleet.size:
+        print(
+            f"\noffpg: scaling from {fleet.size} to {orders.desired_actors} actor(s)",
+            file=sys.stderr,
+        )
+        fleet.scale(orders.desired_actors)
+    fleet.notice_pending()
+    return None
 
 
-def _stop_job(job: Job, reporter: Reporter | None) -> dict:
+def _stop_job(job: Job, reporter: Reporter | None, stop: Stop) -> dict:
     """Every exit path: stop the actors and the learner (its `final` answer, returned) and
     close the logs."""
     final: dict = {}
     try:
         if reporter is not None:
             reporter.end_progress()
+            reporter.finish(stop)  # while the fleet still counts its actors
         if job.topology is not None:
             final = job.stop()
             if final.get("first_step_at") is not None:
                 job.timeline.mark("first_learner_step", final["first_step_at"])
     finally:
         if reporter is not None:
-            reporter.close()
+            reporter.close(stop.ok)
     return final

@@ -1,20 +1,31 @@
 """TensorBoard tags of the driver, and the writer that turns polled stats into points.
 
 The x-axis of every scalar is the environment-step count, so runs with different actor counts
-or learner speeds compare on sample efficiency.
+or learner speeds compare on sample efficiency. Each run also writes its config (as text and
+as hparams: every key), and a custom-scalars layout (`LAYOUT`) that opens on the signals to
+read first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import time
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from learner.metrics import (
+    ACTING_LAG_HIST,
+    ACTING_LAG_MAX,
+    ACTING_LAG_MEAN,
+    DATA_AGE_HIST,
+    DATA_AGE_MAX,
+    DATA_AGE_MEAN,
     ESS,
     GRAD_NORM,
     LAG_HIST,
@@ -23,10 +34,16 @@ from learner.metrics import (
     LOG_RHO_HIST,
     LOSS_ENTROPY,
     LOSS_POLICY,
+    LOSS_TOTAL,
     LOSS_VALUE,
     LR,
+    MAX_TAGS,
+    POLICY_ENTROPY,
+    PUBLISH_MS,
     RHO_CLIPPED,
     RHO_MEAN,
+    STEP_MS,
+    WAIT_MS,
     StepMetrics,
 )
 
@@ -44,11 +61,24 @@ REPLAY_SAMPLED = "replay/sampled"
 REPLAY_EVICTED = "replay/evicted"
 REPLAY_REJECTED = "replay/rejected"
 REPLAY_STALE = "replay/dropped_stale"
+REPLAY_INSERTED_PER_S = "replay/inserted_per_s"
+REPLAY_SAMPLED_PER_S = "replay/sampled_per_s"
+REPLAY_EVICTED_PER_S = "replay/evicted_per_s"
+REPLAY_REJECTED_PER_S = "replay/rejected_per_s"
+REPLAY_STALE_PER_S = "replay/dropped_stale_per_s"
 ACTORS_COUNT = "actors/count"
 ACTORS_PENDING = "actors/pending"
 ACTORS_RESTARTS = "actors/restarts"
 ACTORS_ENV_ERRORS = "actors/env_errors"
 ACTORS_INVALID = "actors/invalid_fragments"  # refused by the codec at the actor (NaN rewards)
+# Per actor over the last second (deploy.points): the mean over actors as a scalar, the
+# per-actor values as a histogram of the same name; throughput also its min and max.
+ACTOR_ENV_STEPS_PER_S = "actors/env_steps_per_s"
+ACTOR_ENV_STEPS_PER_S_MIN = "actors/env_steps_per_s_min"
+ACTOR_ENV_STEPS_PER_S_MAX = "actors/env_steps_per_s_max"
+ACTORS_INFERENCE_MS = "actors/inference_ms"  # per fragment: the policy's batched inference
+ACTORS_ENV_MS = "actors/env_ms"  # per fragment: stepping the envs
+ACTORS_BACKPRESSURE_MS = "actors/backpressure_ms"  # per fragment: held back by the replay
 # Faults recovered (deploy/job.py): restarts of the replay service and of the learner, and the
 # acknowledged fragments a replay restart lost (inserted after its last snapshot).
 REPLAY_RESTARTS = "replay/restarts"
@@ -56,9 +86,17 @@ REPLAY_LOST = "replay/lost_fragments"
 LEARNER_RESTARTS = "learner/restarts"
 #: Periodic replay snapshots that failed (each logged; the next one is tried as usual).
 REPLAY_SNAPSHOT_FAILURES = "replay/snapshot_failures"
+# The learner's device, CUDA only (`DeviceStats`).
+GPU_UTILIZATION = "gpu/utilization_pct"
+GPU_MEMORY = "gpu/memory_allocated_mb"
+GPU_MEMORY_RESERVED = "gpu/memory_reserved_mb"
+GPU_MEMORY_PEAK = "gpu/memory_peak_mb"
+#: Written once, when the run reaches its target return (an hparams metric).
+SOLVED_AT = "run/solved_at_env_steps"
 # Backpressure: inserts the replay's rate limiter held back (each sent again by its actor), and
 # the seconds the actors waited for their inserts to settle, summed over actors (cumulative).
 REPLAY_HELD_BACK = "replay/held_back"
+REPLAY_HELD_BACK_PER_S = "replay/held_back_per_s"
 ACTORS_BACKPRESSURE_S = "actors/backpressure_s"
 #: Milliseconds the driver spent on its last poll (actors, learner, replay shards).
 DRIVER_POLL_MS = "driver/poll_ms"
@@ -77,59 +115,153 @@ REQUIRED_TAGS: tuple[str, ...] = (
     LEARNER_SAMPLES_PER_S,
     LAG_MEAN,
     LAG_MAX,
+    ACTING_LAG_MEAN,
+    ACTING_LAG_MAX,
+    DATA_AGE_MEAN,
+    DATA_AGE_MAX,
     RHO_MEAN,
     RHO_CLIPPED,
     ESS,
     LOSS_POLICY,
     LOSS_VALUE,
     LOSS_ENTROPY,
+    LOSS_TOTAL,
+    POLICY_ENTROPY,
     GRAD_NORM,
     LR,
+    WAIT_MS,
+    STEP_MS,
+    PUBLISH_MS,
     REPLAY_SIZE,
     REPLAY_INSERTED,
     REPLAY_SAMPLED,
     REPLAY_EVICTED,
     REPLAY_REJECTED,
+    REPLAY_INSERTED_PER_S,
+    REPLAY_SAMPLED_PER_S,
     ACTORS_COUNT,
     ACTORS_RESTARTS,
+    ACTOR_ENV_STEPS_PER_S,
+    ACTOR_ENV_STEPS_PER_S_MIN,
+    ACTOR_ENV_STEPS_PER_S_MAX,
+    ACTORS_INFERENCE_MS,
+    ACTORS_ENV_MS,
+    ACTORS_BACKPRESSURE_MS,
 )
-REQUIRED_HISTOGRAMS: tuple[str, ...] = (LAG_HIST, LOG_RHO_HIST)
+REQUIRED_HISTOGRAMS: tuple[str, ...] = (
+    LAG_HIST,
+    ACTING_LAG_HIST,
+    DATA_AGE_HIST,
+    LOG_RHO_HIST,
+    ACTOR_ENV_STEPS_PER_S,
+    ACTORS_INFERENCE_MS,
+)
+
+
+def _line(tag: str) -> list[Any]:
+    return ["Multiline", [f"^{tag}$"]]
+
+
+def _band(value: str, lower: str, upper: str) -> list[Any]:
+    return ["Margin", [value, lower, upper]]
+
+
+#: The custom-scalars dashboard (`offpg tensorboard` prints its address): one series per chart,
+#: or a line with a band, so a chart reads at a glance; its first category holds what to read
+#: first. (TensorBoard draws a category's line charts before its band charts.)
+LAYOUT: dict[str, dict[str, list[Any]]] = {
+    "offpg: at a glance": {
+        "mean return (last 100 episodes)": _line(EPISODE_RETURN),
+        "env steps / s": _line(ENV_STEPS_PER_S),
+        "acting lag, versions (mean)": _line(ACTING_LAG_MEAN),
+        "data age, versions (mean)": _line(DATA_AGE_MEAN),
+        "importance ESS (1: on-policy)": _line(ESS),
+        "loss/policy": _line(LOSS_POLICY),
+        "loss/value (value_coef x value loss)": _line(LOSS_VALUE),
+        "loss/entropy (-entropy_coef x entropy)": _line(LOSS_ENTROPY),
+        "loss/total": _line(LOSS_TOTAL),
+    },
+    "offpg: staleness (mean, band up to max)": {
+        "acting lag: weights' age when the data reached replay": _band(
+            ACTING_LAG_MEAN, ACTING_LAG_MEAN, ACTING_LAG_MAX
+        ),
+        "data age: time in replay, in versions": _band(DATA_AGE_MEAN, DATA_AGE_MEAN, DATA_AGE_MAX),
+        "policy lag = acting lag + data age": _band(LAG_MEAN, LAG_MEAN, LAG_MAX),
+    },
+    "offpg: where the time goes": {
+        "learner: ms waiting for a batch": _line(WAIT_MS),
+        "learner: ms per step": _line(STEP_MS),
+        "learner: ms publishing weights, per step": _line(PUBLISH_MS),
+        "actors: ms of inference per fragment": _line(ACTORS_INFERENCE_MS),
+        "actors: ms in the envs per fragment": _line(ACTORS_ENV_MS),
+        "actors: ms held back per fragment": _line(ACTORS_BACKPRESSURE_MS),
+        "learner samples / s": _line(LEARNER_SAMPLES_PER_S),
+        "replay: fragments inserted / s": _line(REPLAY_INSERTED_PER_S),
+        "GPU utilisation, %": _line(GPU_UTILIZATION),
+        "GPU memory allocated, MiB": _line(GPU_MEMORY),
+        "env steps / s per actor (mean, band min to max)": _band(
+            ACTOR_ENV_STEPS_PER_S, ACTOR_ENV_STEPS_PER_S_MIN, ACTOR_ENV_STEPS_PER_S_MAX
+        ),
+    },
+}
 
 
 @dataclasses.dataclass
 class LearnerSummary:
-    """The learner's step metrics of one logging interval, reduced."""
+    """The learner's step metrics of one interval, reduced."""
 
     steps: int
     samples: int
     skipped: int
-    scalars: dict[str, float]  # tag -> mean over the interval's steps (max for the max lag)
+    scalars: dict[str, float]  # tag -> mean over the interval's steps (max for MAX_TAGS)
     histograms: dict[str, np.ndarray]  # tag -> values of all the interval's steps
 
 
-def summarise_steps(steps: Sequence[StepMetrics]) -> LearnerSummary:
+def summarise_steps(steps: Sequence[StepMetrics], histograms: bool = True) -> LearnerSummary:
+    """Reduce step metrics: scalars by mean (max for `MAX_TAGS`, NaN values left out), the
+    histogram arrays concatenated (only when `histograms`)."""
     good = [s for s in steps if not s.skipped]
     rows = [s.scalars() for s in good]
     scalars = {}
     for tag in rows[0] if rows else ():
         values = [r[tag] for r in rows if math.isfinite(r[tag])]
         if values:
-            scalars[tag] = float(max(values) if tag == LAG_MAX else np.mean(values))
-    histograms: dict[str, list[np.ndarray]] = {}
-    for s in good:
+            scalars[tag] = float(max(values) if tag in MAX_TAGS else np.mean(values))
+    arrays: dict[str, list[np.ndarray]] = {}
+    for s in good if histograms else ():
         for tag, values in s.histograms().items():
-            histograms.setdefault(tag, []).append(np.asarray(values).ravel())
+            arrays.setdefault(tag, []).append(np.asarray(values).ravel())
     return LearnerSummary(
         steps=len(good),
         samples=sum(s.samples for s in good),
         skipped=len(steps) - len(good),
         scalars=scalars,
-        histograms={tag: np.concatenate(v) for tag, v in histograms.items()},
+        histograms={tag: np.concatenate(v) for tag, v in arrays.items()},
     )
 
 
+def hparams(config: Any) -> dict[str, bool | float | str]:
+    """Every key of a `JobConfig` as an hparam: `None` as "none", lists as JSON, and a key that
+    may be None always as a string (so it has one type in every run, whatever its value)."""
+    out: dict[str, bool | float | str] = {}
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        hints = typing.get_type_hints(type(values))
+        for field in dataclasses.fields(values):
+            value = getattr(values, field.name)
+            optional = type(None) in typing.get_args(hints[field.name])
+            if value is None:
+                value = "none"
+            elif isinstance(value, (list, tuple)):
+                value = json.dumps(list(value))
+            elif optional or not isinstance(value, (bool, int, float, str)):
+                value = str(value)
+            out[f"{section.name}.{field.name}"] = value
+    return out
+
+
 class MetricsWriter:
-    """Writes one interval's worth of stats to TensorBoard event files in `run_dir`."""
+    """Writes a run's points to TensorBoard event files in `run_dir`."""
 
     def __init__(self, run_dir: str, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
@@ -137,34 +269,105 @@ class MetricsWriter:
         # purge_step drops events at or after it, so a resumed run never writes a step twice.
         self._writer = SummaryWriter(run_dir, purge_step=purge_step, flush_secs=10)
 
-    def write_config(self, config: Mapping[str, Mapping[str, Any]], text: str) -> None:
-        from torch.utils.tensorboard.summary import hparams
+    def write_config(self, config: Any) -> None:
+        """The config as text and as hparams (every key; the metrics: the mean return, whose
+        target the display name says, and the env steps at which the run reached it), and the
+        custom-scalars layout."""
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-        self._writer.add_text("config", f"```toml\n{text}\n```", 0)
-        flat = {
-            f"{section}.{key}": (
-                value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-            )
-            for section, values in config.items()
-            for key, value in values.items()
-            if value is not None
+        self._writer.add_text("config", f"```toml\n{config.to_toml()}\n```", 0)
+        target = config.run.target_return
+        exp, ssi, _ = hparams_summaries(hparams(config), {EPISODE_RETURN: 0.0, SOLVED_AT: 0.0})
+        meta = exp.value[0].metadata.plugin_data
+        data = plugin_data_pb2.HParamsPluginData.FromString(meta.content)
+        names = {
+            EPISODE_RETURN: "mean return"
+            + (f" (target {target:g})" if target is not None else " (no target)"),
+            SOLVED_AT: "env steps to the target",
         }
-        exp, ssi, sei = hparams(flat, {EPISODE_RETURN: 0.0})
-        for item in (exp, ssi, sei):
+        for info in data.experiment.metric_infos:
+            info.display_name = names[info.name.tag]
+            info.dataset_type = api_pb2.DATASET_TRAINING
+        meta.content = data.SerializeToString()
+        for item in (exp, ssi):
             self._writer.file_writer.add_summary(item)
+        self._writer.add_custom_scalars(LAYOUT)
 
-    def write(self, step: int, values: Mapping[str, float], learner: LearnerSummary | None) -> None:
-        for tag, value in values.items():
-            if value is not None and math.isfinite(value):
-                self._writer.add_scalar(tag, value, step)
-        if learner is None:
-            return
-        for tag, value in learner.scalars.items():
-            self._writer.add_scalar(tag, value, step)
-        for tag, values in learner.histograms.items():
-            if values.size:
-                self._writer.add_histogram(tag, values, step)
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """One point of scalars at env step `step`; None and non-finite values are left out.
 
-    def close(self) -> None:
+        All of them go into one event (one `Summary` of many values): `add_scalar` per tag
+        costs ~20x more driver time for a point of ~60 tags (benchmarks/monitoring.py).
+        """
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(
+            value=[
+                Summary.Value(tag=tag, simple_value=float(value))
+                for tag, value in values.items()
+                if value is not None and math.isfinite(value)
+            ]
+        )
+        if summary.value:
+            self._writer.file_writer.add_summary(summary, step)
+
+    def histograms(self, step: int, values: Mapping[str, np.ndarray]) -> None:
+        for tag, array in values.items():
+            if array.size:
+                self._writer.add_histogram(tag, array, step)
+
+    def close(self, ok: bool = True) -> None:
+        """End the hparams session (its status: success or failure) and flush."""
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+        status = api_pb2.STATUS_SUCCESS if ok else api_pb2.STATUS_FAILURE
+        end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+        content = plugin_data_pb2.HParamsPluginData(
+            session_end_info=end, version=metadata.PLUGIN_DATA_VERSION
+        )
+        smd = SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(
+                plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString()
+            )
+        )
+        summary = Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=smd)])
+        self._writer.file_writer.add_summary(summary)
         self._writer.flush()
         self._writer.close()
+
+
+class DeviceStats:
+    """GPU utilisation and memory of the learner's device, as TensorBoard tags; empty on CPU.
+
+    Read in the learner's process at most every `every_s` seconds (an NVML query takes about
+    a millisecond), the last reading repeated in between. Utilisation needs NVML's Python
+    binding (`nvidia-ml-py`); without it only the memory is reported.
+    """
+
+    def __init__(self, device: Any, every_s: float = 1.0):
+        self._device = device
+        self._every_s = every_s
+        self._at = -math.inf
+        self._last: dict[str, float] = {}
+
+    def read(self) -> dict[str, float]:
+        if self._device.type != "cuda":
+            return {}
+        now = time.monotonic()
+        if now - self._at < self._every_s:
+            return self._last
+        import torch
+
+        mb = 2.0**20
+        out = {
+            GPU_MEMORY: torch.cuda.memory_allocated(self._device) / mb,
+            GPU_MEMORY_RESERVED: torch.cuda.memory_reserved(self._device) / mb,
+            GPU_MEMORY_PEAK: torch.cuda.max_memory_allocated(self._device) / mb,
+        }
+        # Without an NVML binding (or when NVML refuses), memory only.
+        with contextlib.suppress(Exception):
+            out[GPU_UTILIZATION] = float(torch.cuda.utilization(self._device))
+        self._at, self._last = now, out
+        return out

@@ -9,10 +9,12 @@ Each curve is one group of runs, treated as seeds of the same experiment:
 A run is any directory holding `events.out.tfevents.*` files; a directory given on the command
 line is searched for them recursively, so a parent of several runs expands to all of them (as
 seeds of one curve). Per run the scalar `tag` is read (non-finite points dropped: the mean
-return is NaN until the first episodes end) and smoothed with TensorBoard's debiased
-exponential moving average; the runs of a group are then interpolated onto a common
-environment-step grid over the range they all cover. The line is the mean across seeds, the
-band spans the lowest to the highest seed (with three seeds a standard deviation says little).
+return is NaN until the first episodes end), smoothed only when asked (`--smooth`, TensorBoard's
+debiased exponential moving average; by default the curve is what was logged), and the runs of a
+group are interpolated onto a common environment-step grid over the range they all cover. The
+line is the mean across seeds, the band spans the lowest to the highest seed (with three seeds a
+standard deviation says little). A curve of the mean return gets a dashed line at the target
+return of its runs (`run.target_return` in each run's `config.toml`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import dataclasses
 import glob
 import math
 import os
+import re
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +33,8 @@ import numpy as np
 DEFAULT_TAG = "episode/return_mean"
 #: Points of the common step grid each group is interpolated onto.
 GRID_POINTS = 200
+#: The time `deploy.job.run_name` appends to a run named after its env.
+_RUN_TIME = re.compile(r"-\d{8}-\d{6}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +55,7 @@ class Curve:
     low: np.ndarray
     high: np.ndarray
     seeds: int
+    target: float | None = None  # the runs' target return, when they share one
 
 
 def find_runs(path: str | os.PathLike[str]) -> list[Path]:
@@ -99,8 +106,23 @@ def smooth(values: np.ndarray, weight: float) -> np.ndarray:
     return out
 
 
+def run_target(run_dir: str | os.PathLike[str]) -> float | None:
+    """`run.target_return` from the run's `config.toml`; None when it has none (or no file)."""
+    path = Path(run_dir) / "config.toml"
+    try:
+        value = tomllib.loads(path.read_text()).get("run", {}).get("target_return")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def aggregate(
-    label: str, runs: Sequence[Series], *, weight: float = 0.6, points: int = GRID_POINTS
+    label: str,
+    runs: Sequence[Series],
+    *,
+    weight: float = 0.0,
+    points: int = GRID_POINTS,
+    target: float | None = None,
 ) -> Curve:
     """Smooth each run, interpolate onto a grid over the steps all runs cover, reduce.
 
@@ -117,13 +139,13 @@ def aggregate(
         raise ValueError(f"{label}: the runs cover no common range of steps")
     x = np.linspace(start, stop, points) if stop > start else np.array([start])
     ys = np.stack([np.interp(x, r.steps, smooth(r.values, weight)) for r in runs])
-    return Curve(label, x, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0), len(runs))
+    return Curve(label, x, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0), len(runs), target)
 
 
 def parse_groups(args: Sequence[str]) -> list[tuple[str, list[Path]]]:
     """Command-line arguments -> `(label, run directories)` per curve; see the module docstring.
 
-    Plain paths (no `=`) form one group, labelled by their common name prefix; every
+    Plain paths (no `=`) form one group, labelled from their run names (`label_for`); every
     `LABEL=GLOB` is a group of its own. Raises `ValueError` when an argument matches no run.
     """
     plain: list[Path] = []
@@ -142,11 +164,30 @@ def parse_groups(args: Sequence[str]) -> list[tuple[str, list[Path]]]:
                 raise ValueError(f"{arg}: no TensorBoard event files under it")
             plain.extend(runs)
     if plain:
-        names = [p.name for p in plain]
-        # A character prefix on purpose: runs "cartpole-s0", "cartpole-s1" -> "cartpole".
-        label = os.path.commonprefix(names).rstrip("-_ .") or names[0]  # noqa: RUF071
-        groups.insert(0, (label, plain))
+        groups.insert(0, (label_for([p.name for p in plain]), plain))
     return groups
+
+
+def label_for(names: Sequence[str]) -> str:
+    """A curve's label from its runs' names: one run's name as it is; for several, the words
+    they share from the start (split at - _ .), leaving out the time `offpg train` appends to
+    an unnamed run ("CartPole-v1-20260101-120000"), else the names themselves."""
+    if len(names) == 1:
+        return names[0]
+    words = [re.split(r"([-_.])", _RUN_TIME.sub("", name)) for name in names]
+    shared: list[str] = []
+    for parts in zip(*words, strict=False):
+        if len(set(parts)) > 1:
+            break
+        shared.append(parts[0])
+    label = "".join(shared).rstrip("-_.")
+    if label:
+        return label
+    return " + ".join(names) if len(names) <= 3 else f"{names[0]} + {len(names) - 1} more"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 def plot_curves(
@@ -170,11 +211,14 @@ def plot_curves(
     if own:
         fig, ax = plt.subplots(figsize=(7, 4.2))
     for curve in curves:
-        (line,) = ax.plot(curve.x, curve.mean, label=f"{curve.label} ({curve.seeds} seeds)")
+        label = f"{curve.label} ({_plural(curve.seeds, 'seed')})"
+        (line,) = ax.plot(curve.x, curve.mean, label=label)
         if curve.seeds > 1:
             ax.fill_between(curve.x, curve.low, curve.high, color=line.get_color(), alpha=0.2)
+    for target in sorted({c.target for c in curves if c.target is not None}):
+        ax.axhline(target, color="0.3", linestyle="--", linewidth=1, label=f"target {target:g}")
     ax.set_xlabel("environment steps")
-    ax.set_ylabel(tag)
+    ax.set_ylabel("mean return (last 100 episodes)" if tag == DEFAULT_TAG else tag)
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
@@ -190,13 +234,16 @@ def plot_runs(
     out: str | os.PathLike[str],
     *,
     tag: str = DEFAULT_TAG,
-    weight: float = 0.6,
+    weight: float = 0.0,
 ) -> list[Curve]:
-    """What `offpg plot` does: groups from `args`, read, aggregate, draw to `out`."""
+    """What `offpg plot` does: groups from `args`, read, aggregate, draw to `out`. A curve of
+    the mean return carries its runs' target when they share one."""
     curves = []
     for label, runs in parse_groups(args):
         series = [read_scalar(run, tag) for run in runs]
-        curves.append(aggregate(label, series, weight=weight))
+        targets = {run_target(run) for run in runs}
+        target = targets.pop() if tag == DEFAULT_TAG and len(targets) == 1 else None
+        curves.append(aggregate(label, series, weight=weight, target=target))
     plot_curves(curves, out, tag=tag)
     return curves
 
@@ -206,7 +253,8 @@ def describe(curve: Curve) -> str:
     last = curve.mean[-1]
     spread = "" if curve.seeds == 1 else f" [{curve.low[-1]:.4g}, {curve.high[-1]:.4g}]"
     end = curve.x[-1]
+    target = f", target {curve.target:g}" if curve.target is not None else ""
     return (
-        f"{curve.label}: {curve.seeds} run(s), final {last:.4g}{spread} at "
-        f"{int(end):,} steps" + ("" if math.isfinite(last) else " (no data)")
+        f"{curve.label}: {_plural(curve.seeds, 'run')}, final {last:.4g}{spread} at "
+        f"{int(end):,} steps{target}" + ("" if math.isfinite(last) else " (no data)")
     )

@@ -1,14 +1,17 @@
 """What a job tells the world: TensorBoard points, the progress line, the controller's status,
 and the `RunSummary` at the end.
 
-`Reporter.record` turns one poll of the job into all three live outputs at once, so they always
-show the same numbers; the driver (`deploy.job.train`) publishes the status it returns.
+`Reporter.record` takes every poll of the job and writes a TensorBoard point when one is due
+(`deploy.points`: fine enough to show what happened); `Reporter.status`, every `run.log_every`,
+writes the histograms and shows the progress line from the same numbers, and returns the status
+the driver (`deploy.job.train`) publishes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,6 +21,8 @@ import ray
 
 from deploy import metrics as tags
 from deploy.fleet import RETURN_WINDOW
+from deploy.points import REPLAY_RATES, PointClock, Sample, Window
+from learner.metrics import StepMetrics
 
 if TYPE_CHECKING:
     from deploy.job import Job
@@ -150,20 +155,27 @@ class Progress:
 
 
 class Reporter:
-    """Writes each poll of a started job to TensorBoard and the progress line, and builds the
-    status `offpg status` shows; remembers the previous poll for the rates."""
+    """Takes each poll of a started job: writes a TensorBoard point when one is due
+    (`deploy.points`), and at `run.log_every` the histograms, the progress line and the status
+    `offpg status` shows."""
 
     def __init__(self, job: Job, started_at: float):
         config = job.config
         self._job = job
-        self._log_every = config.run.log_every
         self._started_at = started_at
         self._writer = tags.MetricsWriter(str(job.run_dir), purge_step=job.env_steps or None)
-        self._writer.write_config(config.to_dict(), config.to_toml())
+        self._writer.write_config(config)
         self._progress = Progress()
-        self._last_steps, self._last_time = job.env_steps, started_at
-        self._last_replay: dict[str, Any] | None = None
-        self._last_written = -1
+        now = time.monotonic()
+        self.clock = PointClock(config.run.max_env_steps, job.env_steps, now)
+        self._window = Window()
+        self._steps: list[StepMetrics] = []  # learner steps since the last point
+        self._histogram_steps: list[StepMetrics] = []  # ... since the last histograms
+        self._learner_samples = 0
+        self._replay: dict[str, Any] = {}
+        self._device: dict[str, float] = {}
+        #: The scalars of the last point (the progress line and the status read them).
+        self.last: dict[str, float] = {}
         #: Env steps and seconds since the start at the last `record`.
         self.env_steps, self.wall_s = job.env_steps, 0.0
         print(
@@ -173,66 +185,100 @@ class Reporter:
             flush=True,
         )
 
-    def record(self, learner: dict[str, Any], replay: dict[str, Any]) -> dict[str, Any]:
-        """Report one poll (the learner's `drain()` and the replay service's `stats()`);
-        returns the status to publish to the run's controller."""
+    def record(self, learner: dict[str, Any], replay: dict[str, Any], poll_s: float) -> None:
+        """Take one poll (the learner's `drain()`, the replay service's `stats()`, and what the
+        poll cost); write a point when one is due."""
         job, now = self._job, time.monotonic()
-        steps = job.env_steps
-        rate = (steps - self._last_steps) / max(now - self._last_time, 1e-9)
-        summary = tags.summarise_steps(learner["steps"])
-        # One point per env step at most: while the actors stall (a replay restart blocks
-        # their inserts) the x-axis does not move, and a second point there would duplicate.
-        if steps > self._last_written:
-            points = tensorboard_points(job, rate, summary, self._log_every, replay)
-            self._writer.write(steps, points, summary)
-            self._last_written = steps
-        lag = summary.scalars.get(tags.LAG_MEAN, float("nan"))
+        steps = learner["steps"]
+        self._steps.extend(steps)
+        self._histogram_steps.extend(steps)
+        self._learner_samples += sum(s.samples for s in steps if not s.skipped)
+        self._device = learner.get("device_stats") or {}
+        self._replay = replay
         fleet = job.fleet
-        self._progress.show(
-            f"{steps:>12,} steps  {rate:>9,.0f}/s  return {fleet.episodes.mean_return:7.1f}  "
-            f"v{job.version:<6} lag {lag:5.1f}  actors {fleet.size}"
-            + (f" ({len(fleet.pending)} pending)" if fleet.pending else "")
+        actors = {i: s.counters for i, s in fleet.state.items() if not s.pending}
+        self._window.add(
+            Sample(now, job.env_steps, self._learner_samples, replay_counters(replay), actors)
         )
-        status = running_status(
+        self.env_steps, self.wall_s = job.env_steps, now - self._started_at
+        self.clock.polled(poll_s, self._window.rates().get(tags.ENV_STEPS_PER_S, 0.0))
+        if self.clock.due(self.env_steps, now):
+            self.write_point()
+
+    def write_point(self) -> None:
+        """Write the scalars of the learner steps since the last point and of this poll."""
+        if not self._replay:
+            return
+        learner = tags.summarise_steps(self._steps, histograms=False)
+        self._steps = []
+        actors, _ = self._window.actors()
+        points = {
+            **tensorboard_points(self._job, learner, self._replay),
+            **self._window.rates(),
+            **actors,
+            **learner.scalars,
+            **self._device,
+        }
+        self._writer.scalars(self.env_steps, points)
+        self.clock.written(self.env_steps, time.monotonic())
+        self.last.update(points)
+
+    def status(self, last_checkpoint: str | None) -> dict[str, Any]:
+        """Every `run.log_every`: write the histograms, show the progress line; the status to
+        publish to the run's controller."""
+        learner = tags.summarise_steps(self._histogram_steps)
+        self._histogram_steps = []
+        _, actors = self._window.actors()
+        self._writer.histograms(self.env_steps, {**learner.histograms, **actors})
+        job, last, fleet = self._job, self.last, self._job.fleet
+        rates = self._window.rates()
+        rate = rates.get(tags.ENV_STEPS_PER_S, math.nan)
+        lag = last.get(tags.LAG_MEAN, math.nan)
+        self._progress.show(
+            f"{self.env_steps:>12,} steps  {rate:>9,.0f}/s  return "
+            f"{fleet.episodes.mean_return:7.1f}  v{job.version:<6} lag {lag:5.1f}  actors "
+            f"{fleet.size}" + (f" ({len(fleet.pending)} pending)" if fleet.pending else "")
+        )
+        return running_status(
             job,
             env_steps_per_s=rate,
             return_mean=fleet.episodes.mean_return,
             policy_lag_mean=lag,
-            policy_lag_max=summary.scalars.get(tags.LAG_MAX, float("nan")),
-            learner_samples_per_s=summary.samples / self._log_every,
-            replay=replay_status(replay, self._last_replay, now - self._last_time),
-            last_checkpoint=learner.get("last_checkpoint"),
-            wall_s=now - self._started_at,
+            policy_lag_max=last.get(tags.LAG_MAX, math.nan),
+            acting_lag_mean=last.get(tags.ACTING_LAG_MEAN, math.nan),
+            data_age_mean=last.get(tags.DATA_AGE_MEAN, math.nan),
+            learner_samples_per_s=rates.get(tags.LEARNER_SAMPLES_PER_S, math.nan),
+            replay=replay_status(self._replay, rates),
+            last_checkpoint=last_checkpoint,
+            wall_s=self.wall_s,
             max_env_steps=job.config.run.max_env_steps,
         )
-        self._last_steps, self._last_time, self._last_replay = steps, now, replay
-        self.env_steps, self.wall_s = steps, now - self._started_at
-        return status
 
     def end_progress(self) -> None:
         """End the live progress line (before the shutdown prints its own lines)."""
         self._progress.done()
 
-    def close(self) -> None:
-        self._writer.close()
+    def finish(self, stop: Stop) -> None:
+        """The run's last point, and the env steps at which it reached its target."""
+        if self.env_steps > self.clock.last_steps:
+            self.write_point()
+        if stop.solved_at is not None:
+            self._writer.scalars(self.env_steps, {tags.SOLVED_AT: stop.solved_at[0]})
+
+    def close(self, ok: bool) -> None:
+        """End the hparams session (success or failure) and close the event file."""
+        self._writer.close(ok=ok)
 
 
 def tensorboard_points(
-    job: Job,
-    env_steps_per_s: float,
-    learner: tags.LearnerSummary,
-    seconds: float,
-    replay: dict[str, Any],
+    job: Job, learner: tags.LearnerSummary, replay: dict[str, Any]
 ) -> dict[str, float]:
-    """The driver's scalars of one poll; `learner` summarises the learner steps of the last
-    `seconds` (its own scalars and histograms are written with it, by `MetricsWriter`)."""
+    """The driver's own scalars of one point (the learner's are `learner.scalars`)."""
     fleet, faults = job.fleet, job.faults
     total = fleet.total()
     return {
         tags.EPISODE_RETURN: fleet.episodes.mean_return,
         tags.EPISODE_LENGTH: fleet.episodes.mean_length,
-        tags.ENV_STEPS_PER_S: env_steps_per_s,
-        tags.LEARNER_SAMPLES_PER_S: learner.samples / seconds,
         tags.LEARNER_VERSION: job.version,
         tags.SKIPPED_STEPS: learner.skipped,
         tags.REPLAY_SIZE: replay["size_fragments"],
@@ -273,23 +319,32 @@ def shard_points(shards: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def replay_status(now: dict, before: dict | None, seconds: float) -> dict[str, Any]:
-    """Replay size and insert/sample rates (per second) since the last poll, over all shards,
-    and each shard's size, inserts, samples and held-back inserts (`shards`)."""
-    rates = {}
-    for key in ("inserted", "sampled", "evicted", "dropped_stale"):
-        if before is not None and seconds > 0:
-            rates[f"{key}_per_s"] = (now[key] - before[key]) / seconds
+def replay_counters(stats: dict[str, Any]) -> dict[str, float]:
+    """The cumulative replay counters `deploy.points` turns into rates."""
     return {
-        "size_fragments": now["size_fragments"],
-        "size_bytes": now["size_bytes"],
-        "inserted": now["inserted"],
-        "sampled": now["sampled"],
-        "rejected": sum(now["rejected"].values()),
-        "held_back": now["insert_timeouts"],
-        "snapshot_failures": now["snapshot_failures"],
-        "shards": now["shards"],
-        **rates,
+        **{key: stats[key] for key in ("inserted", "sampled", "evicted", "dropped_stale")},
+        "rejected": sum(stats["rejected"].values()),
+        "held_back": stats["insert_timeouts"],
+    }
+
+
+def replay_status(stats: dict[str, Any], rates: dict[str, float]) -> dict[str, Any]:
+    """Replay size, counters and the insert/sample rates (per second) of the last second, over
+    all shards, and each shard's size, inserts, samples and held-back inserts (`shards`)."""
+    return {
+        "size_fragments": stats["size_fragments"],
+        "size_bytes": stats["size_bytes"],
+        "inserted": stats["inserted"],
+        "sampled": stats["sampled"],
+        "rejected": sum(stats["rejected"].values()),
+        "held_back": stats["insert_timeouts"],
+        "snapshot_failures": stats["snapshot_failures"],
+        "shards": stats["shards"],
+        **{
+            f"{key}_per_s": rates[tag]
+            for key, tag in REPLAY_RATES.items()
+            if tag in rates and key != "rejected"
+        },
     }
 
 

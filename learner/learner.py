@@ -23,9 +23,9 @@ import torch
 
 from learner import checkpoint
 from learner.loss import Q_ESTIMATORS, SURROGATES, importance_stats, loss_terms
-from learner.metrics import StepMetrics, subsample
+from learner.metrics import Staleness, StepMetrics, subsample
 from learner.policy import ActorCritic, PolicySpec, make_policy, state_dict_to_numpy
-from learner.prefetch import Prefetcher, TensorBatch, to_tensors
+from learner.prefetch import DEVICE_FIELDS, Prefetcher, TensorBatch, to_tensors
 from replay.fields import FieldError, check, setting
 from replay.trajectory import Batch
 
@@ -218,8 +218,10 @@ class Learner:
 
         A non-finite network output, loss or gradient norm skips the update (no weights
         published, no checkpoint written, `version` unchanged); `max_nan_steps` consecutive
-        skips raise `RuntimeError`.
+        skips raise `RuntimeError`. The metrics time the step (`step_ms`, the read-back of its
+        scalars syncs the device) apart from publishing the new weights (`publish_ms`).
         """
+        start = time.perf_counter()
         batch = self._on_device(batch)
         cfg = self.config
         lr = self.current_lr()
@@ -247,6 +249,8 @@ class Learner:
             "policy_loss": terms.policy.detach(),
             "value_loss": terms.value.detach(),
             "entropy": terms.entropy.detach(),
+            "value_term": cfg.value_coef * terms.value.detach(),
+            "entropy_term": -cfg.entropy_coef * terms.entropy.detach(),
             "grad_norm": grad_norm.detach().float(),
             "rho_mean": importance.rho_mean,
             "rho_clipped_frac": importance.rho_clipped_frac,
@@ -258,17 +262,17 @@ class Learner:
         log_rho = importance.log_rho.cpu().numpy()[inp.mask.cpu().numpy() > 0]
         skipped = stats.pop("ok") == 0.0
         samples = int(stats.pop("samples"))
-        lag = self.version - batch.policy_version
-        self._apply(skipped, samples)
+        staleness = Staleness.of(self.version, batch.policy_version, batch.insert_version)
+        publish_s = self._apply(skipped, samples)
         return StepMetrics(
             version=self.version,
             lr=lr,
-            lag_mean=float(lag.mean()),
-            lag_max=int(lag.max()),
-            lag=lag.astype(np.int64),
+            staleness=staleness,
             log_rho=subsample(log_rho),
             samples=samples,
             skipped=skipped,
+            step_ms=(time.perf_counter() - start - publish_s) * 1e3,
+            publish_ms=publish_s * 1e3,
             **stats,
         )
 
@@ -278,13 +282,14 @@ class Learner:
         if self.device.type == "cuda":
             # The tensors were allocated on the copy stream; tell the caching allocator they
             # are used on this one too, so their memory is not reused before the step is done.
-            for tensor in batch[:-1]:
+            for tensor in batch[: len(DEVICE_FIELDS)]:
                 tensor.record_stream(torch.cuda.current_stream(self.device))
         return batch
 
-    def _apply(self, skipped: bool, samples: int) -> None:
+    def _apply(self, skipped: bool, samples: int) -> float:
         """Take the optimiser step, publish and checkpoint on their cadence; or, for a skipped
-        step, drop the gradient and count it towards `max_nan_steps`."""
+        step, drop the gradient and count it towards `max_nan_steps`. Returns the seconds spent
+        publishing."""
         cfg = self.config
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -298,17 +303,21 @@ class Learner:
                     "checkpoint"
                 )
             log.warning("non-finite loss or gradient at version %d: step skipped", self.version)
-            return
+            return 0.0
         self.optimizer.step()
         self._consecutive_nan = 0
         self.version += 1
         self.counters["learner_samples"] += samples
+        publish_s = 0.0
         if self.version % cfg.publish_every == 0:
+            start = time.perf_counter()
             self.publish_weights()
+            publish_s = time.perf_counter() - start
         if self.checkpoint_dir is not None and (
             time.monotonic() - self._last_checkpoint >= cfg.checkpoint_every
         ):
             self.save_checkpoint()
+        return publish_s
 
     def publish_weights(self) -> None:
         """Hand `(version, numpy weights)` to the `publish` callable, if there is one."""
@@ -338,7 +347,8 @@ class Learner:
         A thread named `offpg-learner-prefetch` pulls from the iterator and converts up to
         `prefetch` batches ahead into device tensors. It is stopped and joined before `run`
         returns, also when the step or `on_step` raises; an exception raised by the iterator is
-        re-raised here. `on_step` runs after every step, in this thread.
+        re-raised here. `on_step` runs after every step, in this thread, with the step's metrics
+        and the time this thread waited for its batch (`wait_ms`).
         """
         prefetcher = Prefetcher(
             iter(batches),
@@ -348,10 +358,12 @@ class Learner:
         steps = 0
         try:
             while max_steps is None or steps < max_steps:
+                waited = time.perf_counter()
                 batch = prefetcher.get(stop)
                 if batch is None:
                     break
-                metrics = self.step(batch)
+                waited = time.perf_counter() - waited
+                metrics = dataclasses.replace(self.step(batch), wait_ms=waited * 1e3)
                 steps += 1
                 if on_step is not None:
                     on_step(metrics)

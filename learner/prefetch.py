@@ -43,6 +43,11 @@ class TensorBatch(NamedTuple):
     behaviour_logp: torch.Tensor  # [T, B] float32
     core_state: torch.Tensor  # [2, B, core_size] float32 (core_size 0: feed-forward)
     policy_version: np.ndarray  # [B] int64, kept on the host (only used for metrics)
+    insert_version: np.ndarray | None = None  # [B] int64 or None, host, metrics only
+
+
+#: The `TensorBatch` fields that live on the device (the rest stay on the host).
+DEVICE_FIELDS: tuple[str, ...] = TensorBatch._fields[:-2]
 
 
 def to_tensors(batch: Batch, device: torch.device, stream: Any = None) -> TensorBatch:
@@ -50,7 +55,8 @@ def to_tensors(batch: Batch, device: torch.device, stream: Any = None) -> Tensor
     through pinned memory and are copied with `non_blocking=True` on `stream` (the prefetch
     thread's own stream), which is synchronised before returning so that the tensors are
     complete when handed over."""
-    arrays = [getattr(batch, name) for name in TensorBatch._fields[:-1]]
+    arrays = [getattr(batch, name) for name in DEVICE_FIELDS]
+    host = (np.asarray(batch.policy_version, np.int64), batch.insert_version)
     stacked = batch.frame_stack > 1
     if stacked:
         arrays.append(batch.stack_heads)
@@ -60,7 +66,7 @@ def to_tensors(batch: Batch, device: torch.device, stream: Any = None) -> Tensor
         if stacked:
             heads = tensors.pop()
             tensors[0] = stack_frames(tensors[0], batch.frame_stack, batch.stack_resets, heads)
-        return TensorBatch(*tensors, np.asarray(batch.policy_version, np.int64))
+        return TensorBatch(*tensors, *host)
     # On a side stream the copies overlap the step running on the default stream; without one
     # (a direct `step(batch)`) they are ordered on the current stream and need no sync.
     with torch.cuda.stream(stream):
@@ -70,7 +76,7 @@ def to_tensors(batch: Batch, device: torch.device, stream: Any = None) -> Tensor
             tensors[0] = stack_frames(tensors[0], batch.frame_stack, batch.stack_resets, heads)
     if stream is not None:
         stream.synchronize()
-    return TensorBatch(*tensors, np.asarray(batch.policy_version, np.int64))
+    return TensorBatch(*tensors, *host)
 
 
 def stack_frames(

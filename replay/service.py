@@ -19,7 +19,10 @@ The policy is explicit in a frozen `ReplayConfig` (`replay.config`; also importa
                   `samples_per_insert` = r and `tolerance` = e, `r * inserted - sampled` stays
                   within `r * min_size_to_sample +- e`; the side that runs ahead blocks.
   staleness       `sample(batch_size, learner_version)` drops (and counts) every fragment it
-                  meets whose `policy_version` is more than `max_staleness` behind.
+                  meets whose `policy_version` is more than `max_staleness` behind. Every
+                  fragment accepted is stamped with the newest learner version a sample call
+                  has shown (`Fragment.insert_version`), so the learner can tell how old the
+                  actor's weights were (acting lag) from how long the data waited here.
   snapshots       `snapshot(path)` writes contents and counters atomically (`replay.snapshot`);
                   a service whose `snapshot_path` exists starts from it.
   shards          `num_shards` is how a job splits its replay into services (`replay.shards`);
@@ -36,6 +39,7 @@ costs). `sample` is for in-process use.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -110,6 +114,8 @@ class ReplayService:
         self._lag_sum = 0
         self._lag_max: int | None = None
         self._wait_seconds = {"insert": 0.0, "sample": 0.0}
+        #: The newest learner version a sample call has shown (the insert-version stamp).
+        self._learner_version = 0
         self._closed = False
         self._admit_all = False  # `admit_all`: inserts no longer wait for the rate limiter
         path = self.config.snapshot_path
@@ -175,6 +181,11 @@ class ReplayService:
                 return self._refuse("closed") if self._closed else InsertResult.HELD_BACK
             if fragment.fragment_id in self._table:  # inserted by another thread while we waited
                 return self._refuse("duplicate_id")
+            # Stamped when accepted (after any hold by the rate limiter): the learner may be a
+            # step or two past the version it last sampled with, and the stamp never precedes
+            # the fragment's own version.
+            stamp = max(self._learner_version, fragment.policy_version)
+            fragment = dataclasses.replace(fragment, insert_version=stamp)
             self._table.add(Item(self._next_seq, fragment, nbytes))
             self._next_seq += 1
             self._counters["inserted"] += 1
@@ -239,6 +250,7 @@ class ReplayService:
             return bool(picked)
 
         with self._cond:
+            self._learner_version = max(self._learner_version, learner_version)
             if not self._wait(ready, timeout, "sample"):
                 return None
             for item in picked:

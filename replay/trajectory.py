@@ -164,6 +164,9 @@ class Fragment(_TimeMajor):
     frame_stack: int = 1  # K: frames per observation stored once each (1: obs as acted on)
     stack_resets: np.ndarray | None = None  # [R, 2] int32 (t, n); None: none (empty array)
     stack_heads: np.ndarray | None = None  # [R, K-1, H, W] like obs; None: none
+    #: The learner version when the fragment reached the replay service, stamped there (not
+    #: part of the encoded message); -1 before. `learner.metrics` splits the policy lag with it.
+    insert_version: int = -1
 
     def __post_init__(self) -> None:
         _fill_stack_fields(self)
@@ -349,7 +352,8 @@ def _describe(value: object) -> str:
 class Batch(_TimeMajor):
     """B fragments concatenated along the env axis: still time-major, `[T, sum N, ...]`.
 
-    Per-column metadata lets the learner measure the policy lag of every column.
+    Per-column metadata lets the learner measure the policy lag of every column, and split it
+    into acting lag and data age (`learner.metrics`) where the insert version is known.
     """
 
     obs: np.ndarray  # [T+1, N, *obs_shape]; [T+K, N, H, W] when K > 1 (see Fragment)
@@ -367,6 +371,7 @@ class Batch(_TimeMajor):
     #: [R, 2] (t, column), in time order within each column; None: none.
     stack_resets: np.ndarray | None = None
     stack_heads: np.ndarray | None = None  # [R, K-1, H, W]; None: none
+    insert_version: np.ndarray | None = None  # [N] int64, -1 where unknown; None: all unknown
 
     def __post_init__(self) -> None:
         _fill_stack_fields(self)
@@ -410,6 +415,9 @@ class Batch(_TimeMajor):
             frame_stack=first.frame_stack,
             stack_resets=np.concatenate(resets),
             stack_heads=np.concatenate([f.stack_heads for f in fragments]),
+            insert_version=np.repeat([f.insert_version for f in fragments], counts).astype(
+                np.int64
+            ),
         )
 
     @property

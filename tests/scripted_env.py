@@ -8,6 +8,7 @@ episode of length L returns L (L + 1) / 2. Actions do not change anything else.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -21,7 +22,8 @@ CALLABLE_ID = "scripted_env:ScriptedEnv"
 
 
 class ScriptedEnv(gym.Env):
-    """Terminates after `length` steps (plus `seed % 3` when `vary_length`); None: never."""
+    """Terminates after `length` steps (plus `seed % 3` when `vary_length`); None: never.
+    Each step sleeps `step_delay_s` (a slow simulator)."""
 
     #: Test hooks, shared by all instances: the next this-many `step` calls raise RuntimeError,
     #: `reset` calls raise RuntimeError, `step` calls return a NaN reward.
@@ -30,9 +32,14 @@ class ScriptedEnv(gym.Env):
     nan_rewards_left = 0
 
     def __init__(
-        self, length: int | None = 3, vary_length: bool = False, continuous: bool = False
+        self,
+        length: int | None = 3,
+        vary_length: bool = False,
+        continuous: bool = False,
+        step_delay_s: float = 0.0,
     ) -> None:
         self.length = length
+        self.step_delay_s = step_delay_s
         self.vary_length = vary_length
         self.observation_space = spaces.Box(-np.inf, np.inf, (3,), np.float32)
         if continuous:
@@ -67,6 +74,8 @@ class ScriptedEnv(gym.Env):
         if ScriptedEnv.failures_left > 0:
             ScriptedEnv.failures_left -= 1
             raise RuntimeError("scripted env failure")
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         self._k += 1
         self._last = float(np.asarray(action).reshape(-1)[0])
         length = self.episode_length

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -201,20 +202,40 @@ def test_importance_metrics_and_policy_lag():
     assert metrics.ess == pytest.approx(rho.sum() ** 2 / (12 * (rho**2).sum()), rel=1e-5)
     assert metrics.lag_mean == 3.0 and metrics.lag_max == 3
     np.testing.assert_array_equal(metrics.lag, [3, 3, 3])
-    assert sorted(metrics.scalars()) == sorted(
-        [
-            "loss/policy",
-            "loss/value",
-            "loss/entropy",
-            "learner/grad_norm",
-            "learner/lr",
-            "importance/rho_mean",
-            "importance/rho_clipped_frac",
-            "importance/ess",
-            "staleness/policy_lag_mean",
-            "staleness/policy_lag_max",
-        ]
+    # No insert versions (the batch never went through a replay service): no split.
+    scalars = metrics.scalars()
+    assert math.isnan(scalars["staleness/acting_lag_mean"])
+    assert math.isnan(scalars["learner/wait_ms"])  # only `run` waits for batches
+    assert scalars["learner/step_ms"] > 0
+
+
+def test_policy_lag_splits_into_acting_lag_and_data_age():
+    """Column 0 was acted at v2 and reached replay at v4, column 1 acted at v2 with no insert
+    version; at learner version 9: lag 7 = acting lag 2 + data age 5."""
+    learner = Learner(SPEC, LearnerConfig())
+    learner.version = 9
+    batch = dataclasses.replace(
+        make_batch(4, 2, policy_version=2), insert_version=np.array([4, -1], np.int64)
     )
+    metrics = learner.step(batch)
+    np.testing.assert_array_equal(metrics.lag, [7, 7])
+    np.testing.assert_array_equal(metrics.staleness.acting_lag, [2])
+    np.testing.assert_array_equal(metrics.staleness.data_age, [5])
+    scalars = metrics.scalars()
+    assert scalars["staleness/acting_lag_max"] == 2.0
+    assert scalars["staleness/data_age_mean"] == 5.0
+
+
+def test_loss_tags_are_the_weighted_terms_of_the_total_and_entropy_is_its_own():
+    config = LearnerConfig(value_coef=0.5, entropy_coef=0.1)
+    learner = Learner(SPEC, config)
+    flatten_policy(learner, 0.0)  # uniform over 2 actions: entropy log 2
+    s = learner.step(make_batch(4, 2, rewards=np.ones((4, 2), np.float32))).scalars()
+    assert s["policy/entropy"] == pytest.approx(math.log(2), rel=1e-5)
+    assert s["loss/entropy"] == pytest.approx(-0.1 * math.log(2), rel=1e-5)
+    assert s["loss/value"] > 0
+    total = s["loss/policy"] + s["loss/value"] + s["loss/entropy"]
+    assert s["loss/total"] == pytest.approx(total, rel=1e-5)
 
 
 # -- learning --------------------------------------------------------------------------------
@@ -424,6 +445,23 @@ def test_run_consumes_all_batches_and_joins_the_prefetch_thread():
     steps = learner.run([make_batch(seed=i) for i in range(6)], on_step=seen.append)
     assert steps == 6 and len(seen) == 6 and learner.version == 6
     assert prefetch_threads() == []
+
+
+def test_run_times_the_wait_for_batches_and_the_publish_apart_from_the_step():
+    def slow_batches():
+        for i in range(4):
+            time.sleep(0.2)
+            yield make_batch(seed=i)
+
+    # A sleep lasts at least its time: lower bounds hold on a loaded machine too.
+    seen: list[StepMetrics] = []
+    Learner(SPEC, LearnerConfig(prefetch=1)).run(slow_batches(), on_step=seen.append)
+    assert sorted(m.wait_ms for m in seen)[1] >= 100
+    seen = []
+    learner = Learner(SPEC, LearnerConfig(), publish=lambda v, w: time.sleep(0.3))
+    learner.run([make_batch(seed=i) for i in range(3)], on_step=seen.append)
+    assert all(m.publish_ms >= 300 for m in seen)
+    assert all(0 < m.step_ms < 300 for m in seen), "the publish is not part of the step"
 
 
 def test_run_stops_at_max_steps_and_on_stop_event():

@@ -66,13 +66,46 @@ def test_groups_plain_paths_are_seeds_and_label_globs_are_curves(tmp_path):
     for name in ("vt-s0", "vt-s1", "none-s0"):
         write_run(tmp_path / name, [(0, 1.0), (10, 2.0)])
     groups = plot.parse_groups([str(tmp_path / "vt-s0"), str(tmp_path / "vt-s1")])
-    assert [(label, len(runs)) for label, runs in groups] == [("vt-s", 2)]
+    assert [(label, len(runs)) for label, runs in groups] == [("vt", 2)]
     groups = plot.parse_groups([f"V={tmp_path}/vt-*", f"N={tmp_path}/none-*"])
     assert [(label, len(runs)) for label, runs in groups] == [("V", 2), ("N", 1)]
     # A parent directory expands to every run below it.
     assert len(plot.parse_groups([str(tmp_path)])[0][1]) == 3
     with pytest.raises(ValueError, match="matches no run"):
         plot.parse_groups([f"X={tmp_path}/nothing-*"])
+
+
+def test_labels_come_from_run_names_never_cutting_a_word_or_a_timestamp():
+    assert plot.label_for(["CartPole-v1-20261201-154500"]) == "CartPole-v1-20261201-154500"
+    two = ["CartPole-v1-20261201-154500", "CartPole-v1-20261201-155012"]
+    assert plot.label_for(two) == "CartPole-v1"
+    assert plot.label_for(["vtrace_s0", "vtrace_s1"]) == "vtrace"
+    assert plot.label_for(["a", "b"]) == "a + b"
+    assert plot.label_for(["a", "b", "c", "d"]) == "a + 3 more"
+
+
+def test_a_run_with_a_target_gets_it_on_its_curve_and_one_run_is_one_seed(tmp_path, capsys):
+    write_run(tmp_path / "solved", [(0, 10.0), (100, 480.0), (200, 484.6)])
+    (tmp_path / "solved" / "config.toml").write_text("[run]\ntarget_return = 475.0\n")
+    write_run(tmp_path / "open", [(0, 1.0), (200, 2.0)])
+    (tmp_path / "open" / "config.toml").write_text('[run]\ntarget_return = "none"\n')
+    assert plot.run_target(tmp_path / "solved") == 475.0
+    assert plot.run_target(tmp_path / "open") is None
+    out = tmp_path / "c.png"
+    assert main(["plot", str(tmp_path / "solved"), "--out", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    # Unsmoothed by default: the run ends at what it logged, 484.6, not an average below it.
+    assert line == "solved: 1 run, final 484.6 at 200 steps, target 475"
+    curve = plot.plot_runs([str(tmp_path / "solved")], out)[0]
+    assert curve.target == 475.0 and curve.seeds == 1
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    plot.plot_curves([curve], out, ax=ax)
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["solved (1 seed)", "target 475"]
+    assert ax.get_lines()[1].get_linestyle() == "--"
+    plt.close(fig)
 
 
 def test_cli_plot_writes_a_png_with_one_curve_per_label(tmp_path, capsys):
@@ -93,8 +126,8 @@ def test_cli_plot_writes_a_png_with_one_curve_per_label(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     fast = next(line for line in lines if line.startswith("fast:"))
     slow = next(line for line in lines if line.startswith("slow:"))
-    assert "3 run(s)" in fast and "3 run(s)" in slow
-    # The final smoothed means tell the curves apart: ~500 against ~50.
+    assert "3 runs" in fast and "3 runs" in slow
+    # The final means tell the curves apart: ~500 against ~50.
     assert float(fast.split("final ")[1].split()[0]) > 400
     assert float(slow.split("final ")[1].split()[0]) < 100
 

@@ -246,6 +246,20 @@ def test_stale_fragments_are_dropped_and_counted(make_fragment, sampler):
     assert stats["lag"]["max"] == 2
 
 
+def test_fragments_are_stamped_with_the_learner_version_they_arrive_at(make_fragment):
+    """The stamp is the newest version a sample call showed, never below the fragment's own;
+    a Batch carries it per column, so the learner can split the lag (learner.metrics)."""
+    service = ReplayService(ReplayConfig(sampler="fifo", max_times_sampled=1))
+    assert service.insert_fragment(make_fragment(policy_version=0, fragment_id="a"))
+    assert service.sample(1, learner_version=7, timeout=0).insert_version.tolist() == [0] * 2
+    assert service.insert_fragment(make_fragment(policy_version=3, fragment_id="b"))
+    assert service.insert_fragment(make_fragment(policy_version=9, fragment_id="c"))
+    batch = service.sample(2, learner_version=12, timeout=0)
+    columns = dict(zip(batch.fragment_ids, np.split(batch.insert_version, 2), strict=True))
+    assert columns["b"].tolist() == [7] * 2  # acting lag 7 - 3 = 4, data age 12 - 7 = 5
+    assert columns["c"].tolist() == [9] * 2  # the actor was newer than the replay's view
+
+
 # ------------------------------------------------------------------ rate limiter
 
 # Each row: samples_per_insert, tolerance, min_size_to_sample, fragments inserted first, then

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -309,6 +310,39 @@ def test_run_sends_every_collected_fragment_then_flushes():
     assert len(sink.items) == 3 and sink.flushes == 1
     assert actor.stats().fragments == 3
     assert [f.fragment_id.rsplit("-", 1)[1] for f in _decoded(sink)] == ["0", "1", "2"]
+
+
+def test_run_collects_up_to_its_step_limit_and_waits_for_more():
+    actor, sink = _actor("CartPole-v1", num_envs=2, unroll_length=4)  # 8 steps per fragment
+    actor.set_step_limit(20)  # 20 is not a whole number of fragments: the third one crosses it
+    stop = threading.Event()
+    thread = threading.Thread(target=actor.run, args=(stop,), name="test-rollout")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while actor.stats().env_steps < 24 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert actor.stats().env_steps == 24, "it stops at the fragment that reaches the limit"
+        actor.set_step_limit(40)
+        while actor.stats().env_steps < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert actor.stats().env_steps == 40
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive() and len(sink.items) == 5
+
+
+def test_stats_split_the_actors_time_into_inference_and_envs():
+    slow = {"step_delay_s": 0.01}  # the scripted env sleeps this long per step
+    actor, _ = _actor(scripted_env.CALLABLE_ID, num_envs=2, unroll_length=4, env_kwargs=slow)
+    for _ in range(3):
+        actor.collect()
+    stats = actor.stats()
+    assert stats.env_s >= 3 * 4 * 0.01, "a sleep lasts at least its time"
+    assert 0 < stats.inference_s < stats.env_s
 
 
 # -- failures --------------------------------------------------------------------------------

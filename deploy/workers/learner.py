@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from deploy.metrics import DeviceStats
 from deploy.weights import publisher
 from deploy.workers import CALL_TIMEOUT, was_restarted
 from learner.learner import Learner, LearnerConfig
@@ -78,6 +79,7 @@ class LearnerWorker:
         self._first_step_at: float | None = None  # time.time() of this process's first step
         self._error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="offpg-learner", daemon=True)
+        self._device_stats = DeviceStats(self.learner.device)
         # Actors start from the learner's weights (restored ones on resume).
         self.learner.publish_weights()
 
@@ -151,6 +153,7 @@ class LearnerWorker:
             metrics, self._metrics = self._metrics, []
         return {
             "steps": metrics,
+            "device_stats": self._device_stats.read(),
             "version": self.learner.version,
             "error": self._error,
             "alive": self._thread.is_alive(),

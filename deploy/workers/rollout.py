@@ -89,7 +89,9 @@ class RolloutWorker:
             PolicySpec.from_dict(spec),
             sink=self._sink,
             weights=self._weights,
+            step_limit=0,  # the driver grants env steps out of the run's budget (deploy.budget)
         )
+        self._limit, self._limit_lock = 0, threading.Lock()
         self._stop = threading.Event()
         self._error: str | None = None
         self._thread = threading.Thread(
@@ -128,6 +130,13 @@ class RolloutWorker:
     def pid(self) -> int:
         """This worker's process id (fault-injection tests SIGKILL it)."""
         return os.getpid()
+
+    def set_step_limit(self, limit: int) -> None:
+        """Collect only while this actor's env-step counter is below `limit`. Limits only grow:
+        calls to a threaded actor may run out of order, so an older, lower grant never wins."""
+        with self._limit_lock:
+            self._limit = max(self._limit, limit)
+            self._actor.set_step_limit(self._limit)
 
     def stop(self, timeout: float = 30.0) -> dict:
         """Finish the fragment in progress, send it, and return the final stats."""
