@@ -9,10 +9,10 @@ and refused) only goes up. The episodes the actors finished go into a window of 
 What a poll costs does not grow with waiting on actors one by one: each actor has at most one
 stats call in flight, all of them are waited for together (`gather`: one `ray.wait` with a
 deadline), the answers that are back are taken, and the others stay in flight for the next
-look (`poll` or `take_ready`, which asks nothing). Between polls the driver asks only a few
-actors at a time (`ask(limit=...)`, those asked longest ago first), so the calls it makes to
-check the target return often do not grow with the fleet. Actors are stopped the same way as
-they are polled: all told at once, all answers waited for together.
+look (`poll` or `take_ready`, which asks nothing). A poll of the driver asks only a bounded
+number of actors (`ask(limit=...)`, those asked longest ago first), so the calls it makes per
+poll do not grow with the fleet, and every actor is still asked in turn. Actors are stopped
+the same way as they are polled: all told at once, all answers waited for together.
 """
 
 from __future__ import annotations

@@ -280,6 +280,12 @@ def stop_learner(
 OnPoll = Callable[[Job], bool | None]
 
 
+#: Stats calls one poll makes at most: the actors asked longest ago go first, so every actor is
+#: asked once every ceil(actors / ASKS_PER_POLL) polls and a poll costs the same at 16 actors
+#: and at 1,000.
+ASKS_PER_POLL = 16
+
+
 def train(config: JobConfig, on_poll: OnPoll | None = None, *, exiting: bool = False) -> RunSummary:
     """Run a training job to its budget, its target or Ctrl-C; see the module docstring.
 
@@ -336,7 +342,7 @@ def _drive(job: Job, reporter: Reporter, on_poll: OnPoll | None) -> Stop:
         # The actors' answers to the last poll's stats calls are back by now and are taken
         # without waiting; this poll's calls are answered for the next one.
         fleet.take_ready()
-        fleet.ask()
+        fleet.ask(limit=ASKS_PER_POLL)
         learner = job.drain_learner()
         if learner is None:  # being restarted by Ray
             continue
