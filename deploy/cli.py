@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_cluster_parsers(sub)
+    _add_tune_parser(sub)
 
     tb = sub.add_parser(
         "tensorboard",
@@ -110,7 +111,56 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="TensorBoard-style EMA weight in [0, 1) (default 0: no smoothing)",
     )
+    plot.add_argument(
+        "--each", action="store_true", help="one curve per run directory found (tune trials)"
+    )
     return parser
+
+
+def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
+    tune = sub.add_parser(
+        "tune",
+        help="sweep hyperparameters or run population-based training on Ray Tune",
+        description="Run one offpg training run per trial on Ray Tune: the base config (--config, "
+        "--set) plus the trial's values of the --search keys. Trials log to "
+        "<logdir>/<name>/<trial>; a table of trials and their best returns ends the run.",
+    )
+    _add_config_args(tune)
+    tune.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="KEY=SPEC",
+        help="a searched key; SPEC: loguniform(A,B), uniform(A,B), choice(V,...), grid(V,...) "
+        "(repeatable), e.g. --search 'learner.lr=loguniform(1e-4,3e-3)'",
+    )
+    tune.add_argument(
+        "--trials", type=int, help="samples drawn (grids: repeats); default 4, or 1 with a grid"
+    )
+    tune.add_argument("--pbt", action="store_true", help="population-based training")
+    tune.add_argument(
+        "--perturbation-interval",
+        type=int,
+        default=50_000,
+        metavar="STEPS",
+        help="PBT: env steps between a trial's exploit/explore decisions (default 50000)",
+    )
+    tune.add_argument(
+        "--quantile",
+        type=float,
+        default=0.25,
+        metavar="Q",
+        help="PBT: the bottom fraction Q of the trials copies the top Q (default 0.25)",
+    )
+    tune.add_argument("--name", help="experiment name (default: env id, 'tune' and time)")
+    tune.add_argument("--env", help="Gymnasium id or package.module:callable")
+    tune.add_argument("--actors", type=int, help="rollout actors per trial")
+    tune.add_argument("--max-env-steps", type=int, help="environment step budget of each trial")
+    tune.add_argument(
+        "--target-return", help="a trial stops at this mean return over 100 episodes ('none')"
+    )
+    tune.add_argument("--logdir", help="parent directory of the experiment (default runs/)")
+    tune.add_argument("--address", help="Ray cluster address (default: embedded Ray)")
 
 
 _ADDRESS_HELP = (
@@ -205,6 +255,39 @@ def _launch(args: argparse.Namespace) -> int:
     )
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from deploy.config import ConfigError, die, load_config
+    from deploy.search import parse_search
+    from deploy.tune import TuneOptions, run_tune, tune_name
+
+    try:
+        extra = _train_extra(args)
+        extra.pop("run.name", None)  # --name names the experiment, its trials are named after it
+        config = load_config(args.config, args.overrides, extra=extra)
+        searches = tuple(parse_search(text) for text in args.search)
+        trials = args.trials
+        if trials is None:
+            trials = 1 if any(s.kind == "grid" for s in searches) else 4
+        if trials < 1:
+            raise ConfigError("--trials", f"must be >= 1, got {trials}")
+        if args.perturbation_interval < 1:
+            raise ConfigError("--perturbation-interval", "must be >= 1 env step")
+        if not 0 < args.quantile <= 0.5:
+            raise ConfigError("--quantile", f"must be in (0, 0.5], got {args.quantile}")
+        options = TuneOptions(
+            name=tune_name(config, args.name),
+            searches=searches,
+            trials=trials,
+            pbt=args.pbt,
+            perturbation_interval=args.perturbation_interval,
+            quantile=args.quantile,
+        )
+        rows = run_tune(config, options)
+    except ConfigError as exc:
+        die(exc)
+    return 0 if rows and all(r.error is None for r in rows) else 1
+
+
 def _train_extra(args: argparse.Namespace) -> dict[str, object]:
     extra: dict[str, object] = {}
     for flag, key in TRAIN_FLAGS.items():
@@ -264,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if program:
             _exit_now(code)
         return code
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "launch":
         return _launch(args)
     if args.command == "logs":
@@ -304,7 +389,7 @@ def _plot(args: argparse.Namespace) -> int:
     from deploy.plot import describe, plot_runs
 
     try:
-        curves = plot_runs(args.runs, args.out, tag=args.tag, weight=args.smooth)
+        curves = plot_runs(args.runs, args.out, tag=args.tag, weight=args.smooth, each=args.each)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         print(f"offpg plot: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ import ray
 from deploy import topology
 from deploy.budget import StepBudget
 from deploy.config import JobConfig
+from deploy.placement import in_job_group
 from deploy.timeline import Timeline
 from learner.policy import PolicySpec
 
@@ -368,7 +369,9 @@ class Fleet:
     def notice_pending(self) -> None:
         """Say, at most every `PENDING_NOTICE_S`, how many actors wait for CPUs and why."""
         pending = self.pending
-        if not pending:
+        # In a placement group (a Tune trial, `deploy.placement`) the actors' CPUs are reserved
+        # in its bundles: a pending actor is starting, whatever the cluster has free.
+        if not pending or in_job_group(-1) is not None:
             return
         free = ray.available_resources().get("CPU", 0)
         now = time.monotonic()

@@ -4,7 +4,9 @@ Each curve is one group of runs, treated as seeds of the same experiment:
 
 - `offpg plot runs/a-s0 runs/a-s1 runs/a-s2` draws ONE curve (the three runs are seeds);
 - `offpg plot 'vtrace=runs/vt-*' 'none=runs/rtg-*'` draws one curve per `LABEL=GLOB` argument,
-  each over the runs its glob matches (quote the glob so the shell leaves it alone).
+  each over the runs its glob matches (quote the glob so the shell leaves it alone);
+- `offpg plot --each runs/<tune-name>` draws one curve per run found (the trials of
+  `offpg tune`), labelled by its directory name.
 
 A run is any directory holding `events.out.tfevents.*` files; a directory given on the command
 line is searched for them recursively, so a parent of several runs expands to all of them (as
@@ -235,11 +237,16 @@ def plot_runs(
     *,
     tag: str = DEFAULT_TAG,
     weight: float = 0.0,
+    each: bool = False,
 ) -> list[Curve]:
-    """What `offpg plot` does: groups from `args`, read, aggregate, draw to `out`. A curve of
-    the mean return carries its runs' target when they share one."""
+    """What `offpg plot` does: groups from `args` (with `each`, every run its own group), read,
+    aggregate, draw to `out`. A curve of the mean return carries its runs' target when they
+    share one."""
     curves = []
-    for label, runs in parse_groups(args):
+    groups = parse_groups(args)
+    if each:
+        groups = [(run.name, [run]) for _, runs in groups for run in runs]
+    for label, runs in groups:
         series = [read_scalar(run, tag) for run in runs]
         targets = {run_target(run) for run in runs}
         target = targets.pop() if tag == DEFAULT_TAG and len(targets) == 1 else None

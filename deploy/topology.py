@@ -8,6 +8,9 @@ across the nodes, and the run's named controller (`deploy.controller`) no resour
 driver's node. The actor classes live in `deploy.workers`, one module per kind of process, so
 that each process imports only what it needs. Nothing here waits for a component to be
 constructed before starting the next: `Core.wait` waits once for all of them.
+
+A job whose driver runs inside a placement group (a Tune trial, `deploy.tune`) keeps its actors
+in that group's bundles instead (`deploy.placement`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ray.util.scheduling_strategies import (
 from deploy.config import JobConfig
 from deploy.controller import NAMESPACE, Controller, controller_name
 from deploy.inprocess import job_fragment_spec
+from deploy.placement import LEARNER_BUNDLE, in_job_group
 from deploy.workers import CALL_TIMEOUT as CALL_TIMEOUT  # the driver's too (re-exported)
 from deploy.workers import replay as replay_worker
 from deploy.workers.learner import LearnerWorker
@@ -101,6 +105,9 @@ def learner_bundle(config: LearnerConfig) -> PlacementGroupSchedulingStrategy:
     learner's batches never cross the network. Ray restarts any of them inside the bundle; a
     bundle on a lost node is placed again elsewhere, with all of them.
     """
+    in_trial = in_job_group(LEARNER_BUNDLE)  # a Tune trial's: its learner bundle
+    if in_trial is not None:
+        return in_trial
     gpu = {"GPU": 1.0} if learner_wants_gpu(config) else {}
     group = placement_group([{"CPU": 1.0, **gpu}], strategy="STRICT_PACK")
     return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
@@ -195,7 +202,13 @@ def start_store() -> Any:
     # Restarted empty if its process dies; the learner's next publish refills it.
     return (
         ray.remote(WeightStore)
-        .options(num_cpus=0, max_concurrency=8, max_restarts=-1, max_task_retries=-1)
+        .options(
+            num_cpus=0,
+            max_concurrency=8,
+            max_restarts=-1,
+            max_task_retries=-1,
+            scheduling_strategy=in_job_group(LEARNER_BUNDLE),
+        )
         .remote()
     )
 
@@ -214,7 +227,8 @@ def start_learner(
     if place is None:
         gpus = 1 if learner_wants_gpu(config) else 0
     else:
-        gpus = place.placement_group.bundle_specs[0].get("GPU", 0)
+        bundle = place.placement_group.bundle_specs[place.placement_group_bundle_index]
+        gpus = bundle.get("GPU", 0)
     return (
         ray.remote(LearnerWorker)
         .options(
@@ -237,8 +251,10 @@ def start_actor(actor_id: int, config: JobConfig, spec: PolicySpec, replay: Any,
             num_cpus=config.run.actor_cpus,
             max_concurrency=4,
             max_restarts=0,
-            # Across the CPU nodes, so one node's loss takes few actors with it.
-            scheduling_strategy="SPREAD",
+            # Across the CPU nodes, so one node's loss takes few actors with it; inside a
+            # placement group, in any bundle with room (the actors' bundles: the driver's and
+            # the learner's are taken).
+            scheduling_strategy=in_job_group(-1) or "SPREAD",
         )
         .remote(
             actor_id,

@@ -137,3 +137,14 @@ def test_cli_plot_unknown_tag_exits_2(tmp_path, capsys):
     code = main(["plot", str(tmp_path / "r"), "--tag", "nope", "--out", str(tmp_path / "x.png")])
     assert code == 2
     assert "no scalar 'nope'" in capsys.readouterr().err
+
+
+def test_cli_plot_each_draws_one_curve_per_run(tmp_path, capsys):
+    """`offpg plot --each runs/<tune-name>`: every trial its own curve, named after it."""
+    write_run(tmp_path / "exp" / "exp-00", [(0, 10.0), (100, 20.0)])
+    write_run(tmp_path / "exp" / "exp-01", [(0, 100.0), (100, 200.0)])
+    out = tmp_path / "each.png"
+    assert main(["plot", "--each", str(tmp_path / "exp"), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["exp-00", "exp-01"]
+    assert all(": 1 run, " in line for line in lines[:2])

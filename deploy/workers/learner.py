@@ -26,6 +26,8 @@ SAMPLE_WAIT_S = 0.5
 #: Seconds the prefetch thread waits for a sample answer before it looks at the stop flag again:
 #: a stopping learner (its final checkpoint) waits at most about this long for that thread.
 BATCH_WAIT_S = 0.05
+#: Seconds `LearnerWorker.checkpoint` waits for the learner thread's next step.
+CHECKPOINT_WAIT_S = 10.0
 
 
 class LearnerWorker:
@@ -77,6 +79,7 @@ class LearnerWorker:
         self._lock = threading.Lock()
         self._metrics: list = []
         self._first_step_at: float | None = None  # time.time() of this process's first step
+        self._checkpoint_wanted: list[_CheckpointRequest] = []
         self._error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="offpg-learner", daemon=True)
         self._device_stats = DeviceStats(self.learner.device)
@@ -133,6 +136,24 @@ class LearnerWorker:
             self._metrics.append(metrics)
             if self._first_step_at is None:
                 self._first_step_at = time.time()
+            wanted, self._checkpoint_wanted = self._checkpoint_wanted, []
+        for request in wanted:
+            request.answer(self.learner)
+
+    def checkpoint(self, counters: dict[str, int]) -> dict | None:
+        """Write a checkpoint now: `{"path", "version"}`, or None when the learner took no step
+        within `CHECKPOINT_WAIT_S` (Tune's PBT asks for one per perturbation, `deploy.trial`).
+
+        While the learner thread steps, the checkpoint is written by that thread between two
+        steps (in `_on_step`), so weights and optimiser state are of one version.
+        """
+        self.learner.counters.update(counters)
+        if not self._thread.is_alive():
+            return {"path": str(self.learner.save_checkpoint()), "version": self.learner.version}
+        request = _CheckpointRequest()
+        with self._lock:
+            self._checkpoint_wanted.append(request)
+        return request.wait(CHECKPOINT_WAIT_S)
 
     def start(self) -> dict:
         """Start stepping (once; a repeated call only reports)."""
@@ -196,3 +217,21 @@ def final_checkpoint(learner: Learner, stepping: threading.Thread, timeout: floa
         )
         return None
     return learner.save_checkpoint()
+
+
+class _CheckpointRequest:
+    """A checkpoint asked of the learner thread, answered after its next step."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._answer: dict | None = None
+
+    def answer(self, learner: Learner) -> None:
+        try:
+            self._answer = {"path": str(learner.save_checkpoint()), "version": learner.version}
+        except OSError as exc:  # the asker gets None (no checkpoint); the learner steps on
+            log.error("checkpoint asked for could not be written: %s", exc)
+        self._done.set()
+
+    def wait(self, timeout: float) -> dict | None:
+        return self._answer if self._done.wait(timeout) else None
