@@ -82,7 +82,7 @@ MAX_SEED = 2**32 - 1
 @dataclasses.dataclass(frozen=True)
 class EnvConfig:
     """Which environment the actors play and how each copy of it is built; one per job. How
-    many copies an actor steps is the actor's business (`actors.rollout.ActorConfig.num_envs`)."""
+    many copies an actor steps is the actor's business (`actors.config.ActorConfig.num_envs`)."""
 
     id: str = setting(
         "CartPole-v1",

@@ -22,8 +22,8 @@ import threading
 import time
 from typing import Any
 
+from actors.config import ActorConfig
 from actors.envs import EnvConfig
-from actors.rollout import ActorConfig
 from deploy.workers.rollout import RolloutWorker
 
 #: Seconds a logical actor gets to finish its fragment and flush its sink when stopped.

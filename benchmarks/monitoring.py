@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray
 
-from actors.rollout import ActorStats
+from actors.config import ActorStats
 from deploy import metrics as tags
 from deploy.points import MIN_TICK_S, POLL_COST_RATIO
 

@@ -80,9 +80,10 @@ def _actor(args: tuple[int, int, float, int]) -> float:
     num_envs, unroll, seconds, actor_id = args
     import torch
 
+    from actors.config import ActorConfig
     from actors.envs import EnvConfig, policy_spec, probe_spaces
     from actors.ports import LocalWeights
-    from actors.rollout import ActorConfig, RolloutActor
+    from actors.rollout import RolloutActor
     from learner.policy import make_policy, state_dict_to_numpy
 
     torch.set_num_threads(1)
@@ -113,9 +114,10 @@ def fragment_bytes(num_envs: int, unroll: int) -> tuple[int, int, int]:
     and how many stacks it carries whole (episode resets)."""
     import dataclasses
 
+    from actors.config import ActorConfig
     from actors.envs import EnvConfig, policy_spec, probe_spaces
     from actors.ports import LocalWeights
-    from actors.rollout import ActorConfig, RolloutActor
+    from actors.rollout import RolloutActor
     from learner.policy import make_policy, state_dict_to_numpy
     from replay.codec import encode
 

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from actors.config import ActorConfig
 from actors.envs import (
     EnvConfig,
     env_seeds,
@@ -30,7 +31,7 @@ from actors.envs import (
     seeded_reset,
 )
 from actors.ports import LocalWeights
-from actors.rollout import ActorConfig, RolloutActor
+from actors.rollout import RolloutActor
 from learner.policy import make_policy, state_dict_to_numpy
 
 #: Each measurement is split into this many windows and the fastest is reported: the machine

@@ -104,8 +104,8 @@ class Job:
 def run(job: Job) -> dict:
     import torch
 
+    from actors.config import ActorConfig
     from actors.envs import EnvConfig
-    from actors.rollout import ActorConfig
     from deploy.config import JobConfig, RunConfig
     from deploy.inprocess import InProcessRun
     from learner.learner import LearnerConfig

@@ -39,6 +39,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag of `offpg`: one declarative list, long because the CLI is."""
     parser = argparse.ArgumentParser(
         prog="offpg",
         description="Distributed actor-learner RL: Ray actors act with stale policies, a learner "

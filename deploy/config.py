@@ -1,7 +1,7 @@
 """The job's configuration: one frozen dataclass per component, composed into `JobConfig`.
 
 Each component owns its config class next to its code (`actors.envs.EnvConfig`,
-`actors.rollout.ActorConfig`, `learner.learner.LearnerConfig`, `replay.service.ReplayConfig`),
+`actors.config.ActorConfig`, `learner.learner.LearnerConfig`, `replay.service.ReplayConfig`),
 with neutral defaults; this module adds the deployment's sections (`RunConfig`,
 `PolicyConfig`), composes them, loads TOML, applies `--set section.key=value` overrides, and
 turns every problem into a `ConfigError` that names the key, before Ray starts. Each field
@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from actors.config import ActorConfig
 from actors.envs import EnvConfig, check_env_id
-from actors.rollout import ActorConfig
 from deploy.controller import MAX_ACTORS
 from learner.core import CORES
 from learner.learner import LearnerConfig

@@ -89,7 +89,7 @@ class ActorCounters:
     held_back: int = 0  # inserts the replay held back, each sent again
     backpressure_s: float = 0.0  # seconds the actor waited for its inserts to settle
     fragments: int = 0  # fragments sent
-    # Seconds summed over the fragments sent (`actors.rollout.ActorStats`).
+    # Seconds summed over the fragments sent (`actors.config.ActorStats`).
     inference_s: float = 0.0
     env_s: float = 0.0
 

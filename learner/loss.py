@@ -50,9 +50,9 @@ from learner.estimators import (
     ESTIMATORS,
     VTraceReturns,
     pg_weights,
-    straight_through_gumbel,
     vtrace,
 )
+from learner.gumbel import straight_through_gumbel
 from learner.policy import Evaluation
 from learner.prefetch import TensorBatch
 

@@ -1,6 +1,6 @@
 """Config fields that check themselves: one declaration per setting.
 
-Every component's frozen config dataclass (`actors.envs.EnvConfig`, `actors.rollout.ActorConfig`,
+Every component's frozen config dataclass (`actors.envs.EnvConfig`, `actors.config.ActorConfig`,
 `learner.learner.LearnerConfig`, `replay.service.ReplayConfig` and the sections of
 `deploy.config`) declares its fields with `setting(default, doc, ...)`: the neutral default,
 the line of help `offpg config --keys` prints, and the values allowed (`ge`/`gt`/`le`/`lt`

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from actors.config import ActorConfig
 from actors.envs import (
     EnvConfig,
     env_seeds,
@@ -19,7 +20,7 @@ from actors.envs import (
     seeded_reset,
 )
 from actors.ports import LocalWeights, MemorySink
-from actors.rollout import ActorConfig, RolloutActor
+from actors.rollout import RolloutActor
 from deploy.config import load_config
 from deploy.inprocess import job_fragment_spec, job_policy_spec
 from learner.policy import make_policy, state_dict_to_numpy

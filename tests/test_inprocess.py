@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from actors.config import ActorConfig
 from actors.envs import EnvConfig
-from actors.rollout import ActorConfig
 from deploy.config import JobConfig, RunConfig, load_config
 from deploy.inprocess import InProcessRun
 from learner.learner import LearnerConfig

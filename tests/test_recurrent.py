@@ -13,9 +13,10 @@ import pytest
 import scripted_env
 import torch
 
+from actors.config import ActorConfig
 from actors.envs import EnvConfig, policy_spec, probe_spaces
 from actors.ports import LocalWeights, MemorySink
-from actors.rollout import ActorConfig, RolloutActor
+from actors.rollout import RolloutActor
 from deploy.config import JobConfig, PolicyConfig, RunConfig, load_config
 from deploy.inprocess import InProcessRun
 from learner.core import LSTMCore, episode_starts

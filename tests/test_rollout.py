@@ -14,14 +14,10 @@ import pytest
 import scripted_env
 import torch
 
+from actors.config import MAX_NUM_ENVS, ActorConfig
 from actors.envs import EnvConfig, env_seeds, policy_spec, probe_spaces
 from actors.ports import LocalWeights, MemorySink
-from actors.rollout import (
-    MAX_CONSECUTIVE_ENV_ERRORS,
-    MAX_NUM_ENVS,
-    ActorConfig,
-    RolloutActor,
-)
+from actors.rollout import MAX_CONSECUTIVE_ENV_ERRORS, RolloutActor
 from learner.policy import PolicySpec, load_numpy_state_dict, make_policy, state_dict_to_numpy
 from replay.codec import decode
 from replay.fields import FieldError

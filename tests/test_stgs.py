@@ -14,7 +14,8 @@ import torch
 from deploy.config import ConfigError, load_config
 from deploy.inprocess import InProcessRun
 from deploy.job import Job
-from learner.estimators import discounted_returns, straight_through_gumbel, vtrace
+from learner.estimators import discounted_returns, vtrace
+from learner.gumbel import straight_through_gumbel
 from learner.learner import Learner, LearnerConfig
 from learner.loss import loss_inputs, stgs_surrogate
 from learner.policy import PolicySpec, make_policy

@@ -12,8 +12,9 @@ from typing import Any
 
 import ray
 
+from actors.config import ActorConfig
 from actors.envs import EnvConfig
-from actors.rollout import ActorConfig, RolloutActor
+from actors.rollout import RolloutActor
 from deploy.weights import RayWeightSource
 from deploy.workers import wait_patiently
 from learner.policy import PolicySpec
