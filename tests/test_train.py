@@ -14,7 +14,6 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from deploy import metrics as tags
 from deploy.config import load_config
 from deploy.job import train
-from deploy.points import POINT_MAX_S
 
 
 def read_events(run_dir: str) -> EventAccumulator:
@@ -35,7 +34,7 @@ def test_short_run_logs_every_tag_and_actors_sync(local_ray, tmp_path):
         None,
         [
             "run.num_actors=2",
-            "run.max_env_steps=120000",
+            "run.max_env_steps=200000",
             "run.target_return=none",
             "run.log_every=1.0",
             "actors.num_envs=16",
@@ -48,7 +47,7 @@ def test_short_run_logs_every_tag_and_actors_sync(local_ray, tmp_path):
     assert summary.ok, summary.stop_reason
     assert summary.stop_reason == "env-step budget reached"
     # The budget holds to within one fragment (16 x 16 steps) per actor.
-    assert 120_000 <= summary.env_steps <= 120_000 + 2 * 16 * 16
+    assert 200_000 <= summary.env_steps <= 200_000 + 2 * 16 * 16
     assert summary.learner_version > 5, "the learner must have taken steps"
     assert summary.checkpoint and Path(summary.checkpoint).exists()
     assert (tmp_path / "short" / "config.toml").exists()
@@ -60,12 +59,11 @@ def test_short_run_logs_every_tag_and_actors_sync(local_ray, tmp_path):
     for tag in tags.REQUIRED_TAGS:
         values = [e.value for e in events.Scalars(tag)]
         assert values and all(math.isfinite(v) for v in values), tag
-    # Enough points to see what happened in a run of a few seconds: one at least every
-    # POINT_MAX_S while env steps move (allowing for polls slowed by a loaded machine), and far
-    # more than the handful a fixed 2 s interval gave.
+    # Enough points to see what happened in a run of a few seconds (issue 17: >= 100; a fixed
+    # 2 s interval gave a handful). The budget is large enough that even a fast machine needs
+    # more than 100 polls for it (at most 20 a second, deploy/points.py).
     returns = events.Scalars(tags.EPISODE_RETURN)
-    span = returns[-1].wall_time - returns[0].wall_time
-    assert len(returns) >= max(20, span / (2 * POINT_MAX_S)), (len(returns), span)
+    assert len(returns) >= 100, len(returns)
     steps = [e.step for e in returns]
     assert steps == sorted(steps) and steps[-1] > steps[0], "x-axis is env steps, increasing"
     histograms = set(events.Tags()["histograms"])
