@@ -89,6 +89,8 @@ class Job:
         self.spec = job_policy_spec(config)
         self.topology: topology.Topology | None = None
         self.replay: ReplayShards | None = None
+        #: Each replay shard's stats at the stop, after the actors' last inserts (`stop`).
+        self.final_shard_stats: list[dict[str, Any]] | None = None
         self.fleet: Fleet | None = None
         self.controller: Any = None  # the run's named controller (deploy.controller)
         self.placement: dict[str, Any] = {}
@@ -234,6 +236,7 @@ class Job:
             # shards write them while the learner writes its final checkpoint.
             if self.replay is not None:
                 self.replay.snapshot_all()
+                self.final_shard_stats = self.replay.shard_stats()
         finally:
             final = stop_learner(learner, counters, call=stopping)
         return final
@@ -324,6 +327,8 @@ def train(config: JobConfig, on_poll: OnPoll | None = None, *, exiting: bool = F
             job.finish_controller(stop.reason, final)
         if owns_ray:
             session.shut_down(config, exiting=exiting)
+        elif job.topology is not None:
+            job.topology.release()  # the Ray goes on: give back what the job held
     timeline.mark("exit")
     summary.timeline = timeline.seconds()
     summary.write(job.run_dir)

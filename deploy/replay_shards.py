@@ -48,6 +48,13 @@ class ReplayShards:
         stats = ray.get([shard.stats.remote() for shard in self.shards], timeout=CALL_TIMEOUT)
         return self.account(stats, acknowledged)
 
+    def shard_stats(self) -> list[dict[str, Any]] | None:
+        """Each shard's own stats (all asked at once), in shard order; None if one is gone."""
+        try:
+            return ray.get([shard.stats.remote() for shard in self.shards], timeout=CALL_TIMEOUT)
+        except ray.exceptions.RayError:
+            return None
+
     def account(self, stats: list[dict[str, Any]], acknowledged: list[int]) -> dict[str, Any]:
         """`poll` on stats already fetched (one dict per shard, in shard order)."""
         for k, shard_stats in enumerate(stats):

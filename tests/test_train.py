@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
+import ray
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -46,6 +48,12 @@ def test_short_run_logs_every_tag_and_actors_sync(local_ray, tmp_path):
     summary = train(config)
     assert summary.ok, summary.stop_reason
     assert summary.stop_reason == "env-step budget reached"
+    # The Ray outlives the job (this module shares one): the job gave back every CPU it held,
+    # its learner's placement group included, so the next run's actors are not left pending.
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
     # The budget holds to within one fragment (16 x 16 steps) per actor.
     assert 200_000 <= summary.env_steps <= 200_000 + 2 * 16 * 16
     assert summary.learner_version > 5, "the learner must have taken steps"
