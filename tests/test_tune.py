@@ -107,7 +107,7 @@ def test_grid_sweep_runs_both_trials_and_reports_them(local_ray, tmp_path, capsy
     assert sum(line.startswith("sweep-0") for line in capsys.readouterr().out.splitlines()) == 2
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_pbt_exploits_another_trials_checkpoint(local_ray, tmp_path):
     # A population of two at quantile 0.5: at each perturbation point the lower trial copies
     # the upper one. One trial's episodes are capped at 5 steps (return 5), the other's are not
