@@ -55,15 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the last 100 episodes reaches 475. Logs go to <logdir>/<name> for TensorBoard.",
     )
     _add_config_args(train)
-    train.add_argument("--name", help="run name (default: env id and time)")
-    train.add_argument("--env", help="Gymnasium id or package.module:callable")
-    train.add_argument("--actors", type=int, help="number of rollout actors")
-    train.add_argument("--max-env-steps", type=int, help="environment step budget")
-    train.add_argument(
-        "--target-return", help="stop at this mean return over 100 episodes ('none': never)"
+    _add_run_flags(
+        train,
+        name="run name (default: env id and time)",
+        actors="number of rollout actors",
+        steps="environment step budget",
+        target="stop at this mean return over 100 episodes ('none': never)",
+        logdir="parent directory of run directories (default runs/)",
     )
-    train.add_argument("--logdir", help="parent directory of run directories (default runs/)")
-    train.add_argument("--address", help="Ray cluster address (default: embedded Ray)")
     train.add_argument(
         "--resume", action="store_true", default=None, help="continue the run named by --name"
     )
@@ -153,15 +152,27 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
         metavar="Q",
         help="PBT: the bottom fraction Q of the trials copies the top Q (default 0.25)",
     )
-    tune.add_argument("--name", help="experiment name (default: env id, 'tune' and time)")
-    tune.add_argument("--env", help="Gymnasium id or package.module:callable")
-    tune.add_argument("--actors", type=int, help="rollout actors per trial")
-    tune.add_argument("--max-env-steps", type=int, help="environment step budget of each trial")
-    tune.add_argument(
-        "--target-return", help="a trial stops at this mean return over 100 episodes ('none')"
+    _add_run_flags(
+        tune,
+        name="experiment name (default: env id, 'tune' and time)",
+        actors="rollout actors per trial",
+        steps="environment step budget of each trial",
+        target="a trial stops at this mean return over 100 episodes ('none')",
+        logdir="parent directory of the experiment (default runs/)",
     )
-    tune.add_argument("--logdir", help="parent directory of the experiment (default runs/)")
-    tune.add_argument("--address", help="Ray cluster address (default: embedded Ray)")
+
+
+def _add_run_flags(
+    parser: argparse.ArgumentParser, *, name: str, actors: str, steps: str, target: str, logdir: str
+) -> None:
+    """The run flags `train` and `tune` share (`TRAIN_FLAGS` maps them to config keys)."""
+    parser.add_argument("--name", help=name)
+    parser.add_argument("--env", help="Gymnasium id or package.module:callable")
+    parser.add_argument("--actors", type=int, help=actors)
+    parser.add_argument("--max-env-steps", type=int, help=steps)
+    parser.add_argument("--target-return", help=target)
+    parser.add_argument("--logdir", help=logdir)
+    parser.add_argument("--address", help="Ray cluster address (default: embedded Ray)")
 
 
 _ADDRESS_HELP = (
