@@ -33,7 +33,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorActionWrapper, VectorEnv
 
 from actors.partial_obs import CARTPOLE_NOVEL_ID
-from learner.policy import OBS_DTYPES, PolicySpec
+from learner.spec import OBS_DTYPES, PolicySpec
 from replay.fields import FieldError, check, setting
 
 if CARTPOLE_NOVEL_ID not in gym.registry:

@@ -58,9 +58,9 @@ from benchmarks.loopback import LoopbackCluster
 from deploy import topology
 from deploy.config import JobConfig, RunConfig, load_config
 from deploy.fleet import ActorState, Fleet
-from deploy.inprocess import job_policy_spec
 from deploy.job import Faults
 from deploy.replay_shards import ReplayShards
+from deploy.specs import job_policy_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from actors.ports import LocalWeights, MemorySink  # noqa: E402
 from actors.rollout import RolloutActor  # noqa: E402
 from deploy.config import JobConfig, load_config  # noqa: E402
-from deploy.inprocess import job_policy_spec  # noqa: E402
+from deploy.specs import job_policy_spec  # noqa: E402
 from learner.learner import Learner  # noqa: E402
 from learner.policy import state_dict_to_numpy  # noqa: E402
 from replay.codec import decode  # noqa: E402

@@ -108,7 +108,7 @@ def run(job: Job) -> dict:
     from actors.envs import EnvConfig
     from deploy.config import JobConfig, RunConfig
     from deploy.inprocess import InProcessRun
-    from learner.learner import LearnerConfig
+    from learner.config import LearnerConfig
     from replay.service import ReplayConfig
 
     torch.set_num_threads(1)

@@ -28,9 +28,8 @@ from typing import Any, NamedTuple
 from actors.config import ActorConfig
 from actors.envs import EnvConfig, check_env_id
 from deploy.controller import MAX_ACTORS
-from learner.core import CORES
-from learner.learner import LearnerConfig
-from learner.policy import NETWORKS
+from learner.config import LearnerConfig
+from learner.spec import CORES, NETWORKS
 from replay.fields import FieldError, check, describe, setting, short
 from replay.service import ReplayConfig
 from replay.shards import shard_configs

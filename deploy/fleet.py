@@ -32,7 +32,7 @@ from deploy.budget import StepBudget
 from deploy.config import JobConfig
 from deploy.placement import in_job_group
 from deploy.timeline import Timeline
-from learner.policy import PolicySpec
+from learner.spec import PolicySpec
 
 #: Episodes the target return is averaged over (CartPole-v1's "solved" definition).
 RETURN_WINDOW = 100

@@ -28,9 +28,9 @@ from deploy import report, session, topology
 from deploy.config import ConfigError, JobConfig
 from deploy.controller import Orders
 from deploy.fleet import Fleet
-from deploy.inprocess import job_policy_spec
 from deploy.replay_shards import ReplayShards, stray_snapshots
 from deploy.report import Reporter, RunSummary, Stop
+from deploy.specs import job_policy_spec
 from deploy.timeline import MOMENTS, Timeline
 from learner import checkpoint
 

@@ -30,16 +30,16 @@ from ray.util.scheduling_strategies import (
 
 from deploy.config import JobConfig
 from deploy.controller import NAMESPACE, Controller, controller_name
-from deploy.inprocess import job_fragment_spec
 from deploy.placement import LEARNER_BUNDLE, in_job_group
+from deploy.specs import job_fragment_spec
 from deploy.workers import CALL_TIMEOUT as CALL_TIMEOUT  # the driver's too (re-exported)
 from deploy.workers import replay as replay_worker
 from deploy.workers.learner import LearnerWorker
 from deploy.workers.replay import ReplayWorker
 from deploy.workers.rollout import RolloutWorker
 from learner.broadcast import WeightStore
-from learner.learner import LearnerConfig
-from learner.policy import PolicySpec
+from learner.config import LearnerConfig
+from learner.spec import PolicySpec
 from replay.service import ReplayConfig
 from replay.shards import shard_configs
 from replay.spec import FragmentSpec

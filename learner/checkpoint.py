@@ -19,9 +19,10 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where a checkpoint is read or written: the driver lists them only
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ def list_checkpoints(directory: str | None) -> list[str]:
 def write_checkpoint(directory: str, version: int, state: dict[str, Any], keep: int) -> str:
     """Write `state` (plus the format number) as the checkpoint of `version`, atomically, then
     prune to `keep` readable checkpoints (`prune`); returns the path."""
+    import torch
+
     os.makedirs(directory, exist_ok=True)
     path = checkpoint_path(directory, version)
     # Temp file in the same directory (same filesystem), fsync, then an atomic rename: a crash
@@ -138,6 +141,8 @@ def _load(path: str, map_location: torch.device | str) -> dict[str, Any] | None:
     Whatever stops it loading counts (torch raises `OSError` for a truncated file, for one),
     except a file that is gone or a load that ran out of memory: those say nothing of the file.
     """
+    import torch
+
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

@@ -20,24 +20,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: The valid values of `PolicySpec.core`.
-CORES = ("none", "lstm")
-
-
-def check_core(core: str, core_size: int, shared_torso: bool | None) -> None:
-    """Raise `ValueError` unless a `PolicySpec`'s core fields fit together."""
-    if core not in CORES:
-        raise ValueError(f"core must be one of {CORES}, got {core!r}")
-    if core == "none" and core_size != 0:
-        raise ValueError(f"core_size is {core_size} but core is 'none': it must be 0")
-    if core != "none" and core_size < 1:
-        raise ValueError(f"core {core!r} needs core_size >= 1, got {core_size}")
-    if core != "none" and shared_torso is False:
-        raise ValueError(
-            "shared_torso is False but the recurrent core is shared by the policy and the value "
-            "heads: leave shared_torso unset (None) or True"
-        )
-
 
 def episode_starts(autoreset: torch.Tensor) -> torch.Tensor:
     """Rows of a `[T+1, B]` unroll whose entering core state is zeroed, from `autoreset [T, B]`

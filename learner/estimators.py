@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from learner.columns import FLOAT_DTYPES, Segments, check_clip, check_tensors, check_values, scan
+from learner.config import PG_ESTIMATORS
 
 __all__ = [
     "ESTIMATORS",
@@ -47,14 +48,7 @@ __all__ = [
 ]
 
 #: The valid values of `pg_weights(..., estimator=...)`.
-ESTIMATORS: tuple[str, ...] = (
-    "reinforce",
-    "reward_to_go",
-    "trajectory_is",
-    "per_decision_is",
-    "reduced_is",
-    "first_order_is",
-)
+ESTIMATORS = PG_ESTIMATORS
 #: Estimators that correct for the behaviour policy and so need both log-probabilities.
 _OFF_POLICY = frozenset({"trajectory_is", "per_decision_is", "reduced_is", "first_order_is"})
 #: Estimators whose return is the whole segment's return `R` rather than the reward-to-go `Q`.

@@ -33,8 +33,9 @@ mean number of real steps per column.
 
 Adding an estimator is one function: `(ev, inp, vt, config) -> surrogate [T, B]` (the per-step
 objective that the policy term maximises, carrying the gradient; `vt` are the batch's V-trace
-targets), registered in `SURROGATES` under its name. `LearnerConfig.estimator` accepts every
-name there, and `Learner.step` does not change.
+targets), registered in `SURROGATES` under its name and named in `learner.config.ESTIMATORS`
+(what `LearnerConfig.estimator` accepts; the two are checked to agree at import).
+`Learner.step` does not change.
 """
 
 from __future__ import annotations
@@ -46,18 +47,14 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from learner.estimators import (
-    ESTIMATORS,
-    VTraceReturns,
-    pg_weights,
-    vtrace,
-)
+from learner.config import ESTIMATORS, PG_ESTIMATORS
+from learner.estimators import VTraceReturns, pg_weights, vtrace
 from learner.gumbel import straight_through_gumbel
 from learner.policy import Evaluation
 from learner.prefetch import TensorBatch
 
 if TYPE_CHECKING:
-    from learner.learner import LearnerConfig
+    from learner.config import LearnerConfig
 
 
 class LossInputs(NamedTuple):
@@ -203,11 +200,11 @@ def stgs_surrogate(
 #: The valid values of `LearnerConfig.estimator`, each with its surrogate.
 SURROGATES: dict[str, Surrogate] = {
     "vtrace": vtrace_surrogate,
-    **{name: functools.partial(_pg_weights_surrogate, name) for name in ESTIMATORS},
+    **{name: functools.partial(_pg_weights_surrogate, name) for name in PG_ESTIMATORS},
     "stgs": stgs_surrogate,
 }
-#: Estimators whose surrogate reads the network's action-value head (`PolicySpec.q_head`).
-Q_ESTIMATORS = frozenset({"stgs"})
+if tuple(SURROGATES) != ESTIMATORS:  # learner.config names them for the torch-free config check
+    raise ImportError(f"learner.config.ESTIMATORS {ESTIMATORS} != SURROGATES {tuple(SURROGATES)}")
 
 
 def surrogate_for(config: LearnerConfig) -> Surrogate:

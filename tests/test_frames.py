@@ -22,7 +22,7 @@ from actors.envs import (
 from actors.ports import LocalWeights, MemorySink
 from actors.rollout import RolloutActor
 from deploy.config import load_config
-from deploy.inprocess import job_fragment_spec, job_policy_spec
+from deploy.specs import job_fragment_spec, job_policy_spec
 from learner.policy import make_policy, state_dict_to_numpy
 from learner.prefetch import stack_frames, to_tensors
 from replay import frames

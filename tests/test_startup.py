@@ -4,7 +4,10 @@ the moments it went through (`deploy.timeline`), in order."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import ray
 
@@ -13,6 +16,8 @@ from deploy.config import load_config
 from deploy.job import train
 from deploy.timeline import MOMENTS, ORDER
 from replay.service import ReplayConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: Packages only the learner and the rollout actors need.
 HEAVY = ("torch", "gymnasium")
@@ -42,6 +47,31 @@ def test_replay_store_and_controller_processes_import_no_torch(local_ray, tmp_pa
     assert "torch" in heavy_modules(learner_like)
     for handle in (replay, store, controller, learner_like):
         ray.kill(handle)
+
+
+def test_the_driver_and_a_bad_config_import_no_torch():
+    """The driver builds no network (its learner and actors do, in their own processes) and a
+    bad config is refused before anything heavy is imported: `offpg train --set lr=-1` answers
+    in a fraction of a second, not after torch's import."""
+    code = (
+        "import sys\n"
+        "import deploy.cli, deploy.job, deploy.tune\n"
+        "from deploy.config import load_config\n"
+        "load_config(None, ['learner.lr=3e-4'])\n"
+        "print(sorted(m for m in ('torch', 'ray.tune') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "deploy.cli", "train", "--set", "learner.lr=-1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 2 and "learner.lr: must be > 0" in bad.stderr, bad.stderr[-2000:]
+    assert not re.search(r"\|\s+torch$", bad.stderr, re.MULTILINE), "torch was imported"
 
 
 def test_summary_json_holds_the_runs_moments_in_order(local_ray, tmp_path):

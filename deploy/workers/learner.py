@@ -8,16 +8,19 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from deploy.metrics import DeviceStats
 from deploy.weights import publisher
 from deploy.workers import CALL_TIMEOUT, was_restarted
-from learner.learner import Learner, LearnerConfig
-from learner.policy import PolicySpec
+from learner.config import LearnerConfig
+from learner.spec import PolicySpec
 from replay.trajectory import Batch
+
+if TYPE_CHECKING:  # torch: imported by the learner's process, never by the driver's
+    from learner.learner import Learner
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class LearnerWorker:
         resume: bool,
     ):
         self._shards = shards or []
+        from learner.learner import Learner  # torch: in this process, not the driver
+
         self.learner = Learner(
             PolicySpec.from_dict(spec),
             config,
