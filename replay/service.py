@@ -131,13 +131,17 @@ class ReplayService:
 
     # ------------------------------------------------------------------ insert
 
-    def insert(self, data: bytes, timeout: float | None = None) -> InsertResult:
+    def insert(
+        self, data: bytes, timeout: float | None = None, *, last: bool = False
+    ) -> InsertResult:
         """Decode, validate and store one encoded fragment.
 
         Blocks while the rate limiter holds inserts back, at most `timeout` seconds (None: until
         allowed or closed). Returns ACCEPTED, REJECTED (the message is refused for good,
         counted in `stats()["rejected"]` by reason) or HELD_BACK (the wait ran out; try again);
-        contents are unchanged unless ACCEPTED.
+        contents are unchanged unless ACCEPTED. `last`: one of a stopping actor's last
+        fragments, which goes at once whatever the rate limiter says (it still counts it), so
+        that removing actors from a running job never waits for the learner.
         """
         try:
             fragment = codec.decode(data, max_bytes=self.config.max_message_bytes)
@@ -146,9 +150,11 @@ class ReplayService:
         except InvalidFragment as exc:
             self._reject(exc)
             return InsertResult.REJECTED
-        return self._insert_valid(fragment, timeout)
+        return self._insert_valid(fragment, timeout, last)
 
-    def insert_fragment(self, fragment: Fragment, timeout: float | None = None) -> InsertResult:
+    def insert_fragment(
+        self, fragment: Fragment, timeout: float | None = None, *, last: bool = False
+    ) -> InsertResult:
         """Validate and store an already-decoded fragment (the in-process path); as `insert`."""
         try:
             validate(fragment)
@@ -157,7 +163,7 @@ class ReplayService:
         except InvalidFragment as exc:
             self._reject(exc)
             return InsertResult.REJECTED
-        return self._insert_valid(fragment, timeout)
+        return self._insert_valid(fragment, timeout, last)
 
     def can_insert(self) -> bool:
         """Whether an insert would go now without waiting for the rate limiter (a caller
@@ -170,14 +176,15 @@ class ReplayService:
         with self._cond:
             self._rejected[exc.reason] += 1
 
-    def _insert_valid(self, fragment: Fragment, timeout: float | None) -> InsertResult:
+    def _insert_valid(self, fragment: Fragment, timeout: float | None, last: bool) -> InsertResult:
         nbytes = fragment.nbytes
         with self._cond:
             if nbytes > self.config.capacity_bytes:
                 return self._refuse("too_large")
             if fragment.fragment_id in self._table:
                 return self._refuse("duplicate_id")
-            if not self._wait(self._insert_may_go, timeout, "insert"):
+            may_go = (lambda: True) if last else self._insert_may_go
+            if not self._wait(may_go, timeout, "insert"):
                 return self._refuse("closed") if self._closed else InsertResult.HELD_BACK
             if fragment.fragment_id in self._table:  # inserted by another thread while we waited
                 return self._refuse("duplicate_id")

@@ -348,6 +348,23 @@ def test_admit_all_lets_a_held_back_insert_and_every_later_one_go(fill, make_fra
     assert (stats["inserted"], stats["insert_timeouts"], stats["rejected"]) == (6, 0, {})
 
 
+def test_a_stopping_actors_last_fragment_goes_at_once_and_later_ones_still_wait(
+    fill, make_fragment
+):
+    # An actor removed by `offpg scale` sends its held-back fragments as `last`: they do not
+    # wait for the learner, the limiter counts them, and other inserts are held back as before.
+    service = ReplayService(ReplayConfig.uniform_replay(samples_per_insert=1.0, tolerance=1.0))
+    fill(service, 2)
+    held = make_fragment(fragment_id="held")
+    assert service.insert_fragment(held, timeout=0) is InsertResult.HELD_BACK
+    assert service.insert_fragment(held, timeout=0, last=True) is InsertResult.ACCEPTED
+    assert service.insert_fragment(make_fragment(fragment_id="z"), timeout=0) is (
+        InsertResult.HELD_BACK
+    )
+    stats = service.stats()
+    assert (stats["inserted"], stats["size_fragments"]) == (3, 3)
+
+
 def test_insert_is_never_blocked_while_a_sampler_starves(fill, make_fragment):
     # spi 4, tolerance 8: after 3 inserts the ratio blocks inserts, but a batch of 8 needs 8
     # fragments: without the starvation rule both sides would wait forever.

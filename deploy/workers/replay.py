@@ -61,13 +61,17 @@ class ReplayWorker(ReplayService):
     # the rate limiter, and only on their own threads, for at most `INSERT_WAIT_S`.
 
     @ray.method(concurrency_group="insert")
-    def insert(self, data: bytes, timeout: float | None = INSERT_WAIT_S) -> InsertResult:
+    def insert(
+        self, data: bytes, timeout: float | None = INSERT_WAIT_S, *, last: bool = False
+    ) -> InsertResult:
         """As `ReplayService.insert`, waiting at most `INSERT_WAIT_S` (then HELD_BACK)."""
-        return super().insert(data, _bounded(timeout))
+        return super().insert(data, _bounded(timeout), last=last)
 
     @ray.method(concurrency_group="insert")
-    def insert_fragment(self, fragment: Any, timeout: float | None = INSERT_WAIT_S) -> Any:
-        return super().insert_fragment(fragment, _bounded(timeout))
+    def insert_fragment(
+        self, fragment: Any, timeout: float | None = INSERT_WAIT_S, *, last: bool = False
+    ) -> Any:
+        return super().insert_fragment(fragment, _bounded(timeout), last=last)
 
     @ray.method(concurrency_group="sample")
     def sample_fragments(

@@ -14,10 +14,9 @@ import ray
 
 from actors.config import ActorConfig
 from actors.envs import EnvConfig
-from actors.rollout import RolloutActor
 from deploy.weights import RayWeightSource
 from deploy.workers import wait_patiently
-from learner.policy import PolicySpec
+from learner.spec import PolicySpec
 from replay.service import InsertResult
 
 
@@ -26,8 +25,10 @@ class RaySink:
 
     An insert the replay holds back (`InsertResult.HELD_BACK`: its rate limiter waits for the
     learner) is sent again until it is accepted or rejected: the actor blocks, which is the
-    backpressure, and no timeout ends it. Every fragment put is in exactly one of `accepted`
-    and `rejected` once `flush` returns.
+    backpressure, and no timeout ends it. `flush` (the actor is stopping) sends them again as
+    `last`, which the rate limiter does not hold, so a stopping actor waits at most one
+    `INSERT_WAIT_S`. Every fragment put is in exactly one of `accepted` and `rejected` once
+    `flush` returns.
     """
 
     def __init__(self, replay: Any, max_inflight: int):
@@ -51,14 +52,14 @@ class RaySink:
 
     def flush(self) -> None:
         while self._pending:
-            self._settle(*self._pending.popleft())
+            self._settle(*self._pending.popleft(), last=True)
 
-    def _settle(self, ref: Any, data: bytes) -> None:
+    def _settle(self, ref: Any, data: bytes, last: bool = False) -> None:
         start = time.monotonic()
         try:
             while (result := wait_patiently(ref, "replay insert")) is InsertResult.HELD_BACK:
                 self.held_back += 1
-                ref = self._replay.insert.remote(data)
+                ref = self._replay.insert.remote(data, last=last)
         finally:
             self.backpressure_s += time.monotonic() - start
         if result is InsertResult.ACCEPTED:
@@ -83,6 +84,8 @@ class RolloutWorker:
         self.actor_id = actor_id
         self._sink = RaySink(replay, max_inflight)
         self._weights = RayWeightSource(store)
+        from actors.rollout import RolloutActor  # torch: in the actor process, not the driver
+
         self._actor = RolloutActor(
             actor_id,
             env_config,
