@@ -141,7 +141,7 @@ def test_cartpole_reaches_475_within_budget(local_ray, tmp_path):
     assert summary.return_mean >= 475
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~110 s on 2 cores; `benchmarks/train.py --config deploy/configs/pendulum.toml`
 def test_pendulum_reaches_minus_250_within_budget(local_ray, tmp_path):
     config = load_config(
         Path(__file__).parent.parent / "deploy" / "configs" / "pendulum.toml",
