@@ -109,6 +109,8 @@ def test_a_recurrent_run_resumes_its_checkpoint_and_its_replay_snapshot(
         "run.num_actors=1",
         "run.target_return=none",
         "actors.num_envs=8",
+        "actors.unroll_length=16",
+        "replay.samples_per_insert=8.0",
         "policy.core_size=16",
     ]
     names = {"run.logdir": str(tmp_path), "run.name": "lstm"}
