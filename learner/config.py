@@ -91,7 +91,22 @@ class LearnerConfig:
     value_coef: float = setting(0.5, "weight of the value loss", ge=0)
     entropy_coef: float = setting(0.01, "weight of the entropy bonus", ge=0)
     max_grad_norm: float = setting(10.0, "clip the global gradient norm to this value", gt=0)
-    batch_size: int = setting(8, "fragments per batch", ge=1, le=4096)
+    batch_size: int = setting(
+        8, "fragments per batch (per step of all the learners together)", ge=1, le=4096
+    )
+    num_learners: int = setting(
+        1,
+        "data-parallel learner processes (one GPU each when the cluster has enough); each "
+        "samples batch_size / num_learners fragments and the gradients are averaged",
+        ge=1,
+        le=256,
+    )
+    group_timeout_s: float = setting(
+        60.0,
+        "seconds a learner waits in a collective for the others before it fails",
+        gt=0,
+        le=3600,
+    )
     publish_every: int = setting(
         1, "publish the weights every this many learner steps", ge=1, le=1_000_000
     )
@@ -117,6 +132,12 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        if self.batch_size % self.num_learners:
+            raise FieldError(
+                "num_learners",
+                f"is {self.num_learners}, which does not divide batch_size {self.batch_size}: "
+                "each learner samples batch_size / num_learners fragments",
+            )
         if self.lr_schedule == "linear" and self.lr_decay_steps < 1:
             raise FieldError(
                 "lr_decay_steps",

@@ -82,6 +82,8 @@ class Learner:
             self.optimizer = torch.optim.RMSprop(params, lr=config.lr, eps=config.adam_eps)
         self.checkpoint_dir = checkpoint_dir
         self._publish = publish
+        #: Averages gradients and statistics over data-parallel ranks (`learner.distributed`).
+        self.sync: Callable[..., dict[str, torch.Tensor]] | None = None
         self.version = 0
         self.counters: dict[str, int | float] = {"learner_samples": 0, "skipped_steps": 0}
         self._consecutive_nan = 0
@@ -115,33 +117,31 @@ class Learner:
         terms, inp = loss_terms(ev, batch, cfg)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        # The estimators saw finite stand-ins for the network's outputs (see `loss_terms`).
-        ok = (
-            torch.isfinite(ev.values).all()
-            & torch.isfinite(ev.logp).all()
-            & torch.isfinite(terms.total)
-            & torch.isfinite(grad_norm)
-        )
         importance = importance_stats(inp, cfg.rho_clip)
+        # The estimators saw finite stand-ins for the network's outputs (see `loss_terms`).
+        finite = torch.isfinite(ev.values).all() & torch.isfinite(ev.logp).all()
         scalars = {
-            "ok": ok.float(),
+            "bad": (~(finite & torch.isfinite(terms.total))).float(),
             "loss": terms.total.detach(),
             "policy_loss": terms.policy.detach(),
             "value_loss": terms.value.detach(),
             "entropy": terms.entropy.detach(),
-            "value_term": cfg.value_coef * terms.value.detach(),
-            "entropy_term": -cfg.entropy_coef * terms.entropy.detach(),
-            "grad_norm": grad_norm.detach().float(),
             "rho_mean": importance.rho_mean,
             "rho_clipped_frac": importance.rho_clipped_frac,
             "ess": importance.ess,
             "samples": inp.mask.sum(),
         }
+        if self.sync is not None:  # data-parallel: the whole batch's gradient and statistics
+            scalars = self.sync(self.model.parameters(), scalars)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        scalars["bad"] = scalars["bad"] + (~torch.isfinite(grad_norm)).float()
+        scalars["grad_norm"] = grad_norm.detach().float()
         # One read-back (one device sync) for all the scalars.
         stats = dict(zip(scalars, torch.stack(list(scalars.values())).tolist(), strict=True))
+        stats["value_term"] = cfg.value_coef * stats["value_loss"]
+        stats["entropy_term"] = -cfg.entropy_coef * stats["entropy"]
         log_rho = importance.log_rho.cpu().numpy()[inp.mask.cpu().numpy() > 0]
-        skipped = stats.pop("ok") == 0.0
+        skipped = stats.pop("bad") > 0.0
         samples = int(stats.pop("samples"))
         staleness = Staleness.of(self.version, batch.policy_version, batch.insert_version)
         publish_s = self._apply(skipped, samples)
@@ -292,7 +292,9 @@ class Learner:
         """
         for path, state in checkpoint.readable_checkpoints(self.checkpoint_dir, self.device):
             differences = checkpoint.network_differences(
-                self.spec.to_dict(), self.model.state_dict(), _spec_with_defaults(state)
+                self.spec.to_dict(),
+                self.model.state_dict(),
+                _spec_with_defaults(state),
             )
             if differences:
                 raise ValueError(
