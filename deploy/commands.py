@@ -146,7 +146,9 @@ def format_status(s: dict[str, Any]) -> str:
         line_actors,
         f"steps    {_num(s['env_steps'])} env steps, {_num(s.get('env_steps_per_s'))}/s, "
         f"mean return {_num(s.get('return_mean'), '.1f')}",
-        f"learner  v{s['learner']['version']} on {s['learner']['device']}, "
+        f"learner  v{s['learner']['version']} on {s['learner']['device']}"
+        + _ranks_part(s["learner"].get("ranks") or [])
+        + ", "
         f"{_num(s.get('learner_samples_per_s'))} samples/s, policy lag "
         f"{_num(s.get('policy_lag_mean'), '.1f')} mean / {_num(s.get('policy_lag_max'), 'g')} max"
         f" (acting lag {_num(s.get('acting_lag_mean'), '.1f')} + data age "
@@ -163,3 +165,11 @@ def format_status(s: dict[str, Any]) -> str:
         f"logs     {s['run_dir']}  (TensorBoard: {s['tensorboard']})",
     ]
     return "\n".join(lines)
+
+
+def _ranks_part(ranks: list[dict]) -> str:
+    """The data-parallel learners' ranks, devices and nodes (nothing for one learner)."""
+    if len(ranks) < 2:
+        return ""
+    where = ", ".join(f"rank {r['rank']} {r['device']} on {r['node']}" for r in ranks)
+    return f" ({len(ranks)} learners: {where})"

@@ -120,7 +120,7 @@ class RunConfig:
     )
     num_cpus: int = setting(
         0,
-        "logical CPUs of the embedded Ray (0: enough for every actor, the learner and the "
+        "logical CPUs of the embedded Ray (0: enough for every actor, the learners and the "
         "replay service, and at least the machine's cores)",
         ge=0,
         le=65_536,

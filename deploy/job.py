@@ -28,6 +28,7 @@ from deploy import report, session, topology
 from deploy.config import ConfigError, JobConfig
 from deploy.controller import Orders
 from deploy.fleet import Fleet
+from deploy.learners import LearnerGroup, where
 from deploy.replay_shards import ReplayShards, stray_snapshots
 from deploy.report import Reporter, RunSummary, Stop
 from deploy.specs import job_policy_spec
@@ -92,6 +93,8 @@ class Job:
         #: Each replay shard's stats at the stop, after the actors' last inserts (`stop`).
         self.final_shard_stats: list[dict[str, Any]] | None = None
         self.fleet: Fleet | None = None
+        #: The data-parallel learners' ranks (`learner.num_learners` > 1; `deploy.learners`).
+        self.learners: LearnerGroup | None = None
         self.controller: Any = None  # the run's named controller (deploy.controller)
         self.placement: dict[str, Any] = {}
         self.version = 0  # the learner's, at the last poll
@@ -136,6 +139,7 @@ class Job:
             "learner_node": first["learner_node"][0],
             "replay_nodes": first["replay_nodes"],
         }
+        self._start_group(first["learner_ready"])
         self.replay = ReplayShards(self.topology.shards, self.snapshot_path, self.faults)
         self.version = info["version"]
         restored_steps = info["counters"].get("env_steps", 0) if info["restored"] is not None else 0
@@ -157,11 +161,26 @@ class Job:
                 flush=True,
             )
 
+    def _start_group(self, infos: list[dict[str, Any]]) -> None:
+        """Where each learner rank runs (`offpg status`); a `LearnerGroup` for several."""
+        topo = self.topology
+        if len(topo.learners) > 1:
+            n = len(topo.learners)
+            self.learners = LearnerGroup(
+                topo.learners,
+                lambda rank: topology.shards_of_rank(topo.shards, rank, n),
+                self._count_restart,
+                LEARNER_RESTART_TIMEOUT_S,
+            )
+            self.learners.started(infos)
+        self.placement["learners"] = where(infos)
+
     def _abandon(self) -> None:
         """End a start that must not go on: the learner first (no checkpoint written), then
         the actors, the replay shards (no snapshot) and the weight store."""
         topo, self.topology = self.topology, None
-        ray.kill(topo.learner, no_restart=True)
+        for learner in topo.learners:
+            ray.kill(learner, no_restart=True)
         self.fleet.stop()
         for handle in (*topo.shards, topo.store):
             ray.kill(handle, no_restart=True)
@@ -176,7 +195,10 @@ class Job:
         A restarted learner has restored its newest checkpoint (see `topology.LearnerWorker`);
         here it gets the replay service again and starts stepping, and the restart is counted.
         Raises RuntimeError when it stays unreachable for `LEARNER_RESTART_TIMEOUT_S`.
+        Several learners are polled, and re-formed, by their `LearnerGroup`.
         """
+        if self.learners is not None:
+            return self.learners.drain({"env_steps": self.env_steps})
         learner = self.topology.learner
         try:
             out = ray.get(
@@ -202,14 +224,20 @@ class Job:
         learner = self.topology.learner
         ray.get(learner.attach_replay.remote(self.topology.shards), timeout=topology.CALL_TIMEOUT)
         info = ray.get(learner.start.remote(), timeout=topology.CALL_TIMEOUT * 5)
+        self._count_restart(info)
+        return info["version"]
+
+    def _count_restart(self, info: dict[str, Any]) -> None:
+        """Count a learner restart (or a re-forming of the group) from rank 0's `start()`."""
         self.faults.learner_restarts += 1
         self.faults.learner_restores.append((info["restored"], info["version"]))
+        if self.learners is not None:
+            self.placement["learners"] = self.learners.ranks
         print(
             f"\noffpg: learner restarted ({self.faults.learner_restarts}) from checkpoint version "
             f"{info['restored']}, continuing as v{info['version']}",
             file=sys.stderr,
         )
-        return info["version"]
 
     def publish(self, status: dict[str, Any]) -> Orders | None:
         """Publish this poll's status to the run's controller; return what the user asked for
@@ -231,6 +259,8 @@ class Job:
         learner = self.topology.learner
         counters = {"env_steps": self.env_steps}
         stopping = learner.stop.remote(counters)
+        if self.learners is not None:
+            self.learners.stop_others()  # rank 0 alone writes the final checkpoint
         try:
             # Whatever becomes of the learner, the replay's contents are kept for --resume; the
             # shards write them while the learner writes its final checkpoint.

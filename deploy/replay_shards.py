@@ -1,7 +1,7 @@
 """The driver's view of a job's replay shards: their stats gathered in one wait, each shard's
 restarts counted with the fragments it lost, and their snapshots.
 
-Every shard is its own Ray actor (`deploy.topology.start_shards`) that Ray restarts when its
+Every shard is its own Ray actor (`deploy.topology.start_core`) that Ray restarts when its
 process dies; the restarted shard restores its own snapshot file (`replay.shards`). This module
 is how `deploy.job` sees them: `poll` returns one merged stats dict (`replay.shards.merge_stats`)
 for the reports, after counting, per shard, a restart (a new `incarnation`) and what it lost.

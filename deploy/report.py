@@ -48,6 +48,8 @@ class RunSummary:
     replay_restarts: int = 0
     learner_restarts: int = 0
     lost_fragments: int = 0
+    #: Each learner rank's `{"rank", "device", "node"}` (`learner.num_learners`).
+    learners: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     #: Seconds since the command of each moment of the run (`deploy.timeline.MOMENTS`).
     timeline: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -61,8 +63,13 @@ class RunSummary:
             f"offpg: {self.stop_reason}: {self.env_steps:,} env steps in {self.wall_s:.1f} s "
             f"({self.env_steps / max(self.wall_s, 1e-9):,.0f}/s), learner v{self.learner_version}"
             f", mean return {self.return_mean:.1f} over {min(self.episodes, RETURN_WINDOW)} "
-            f"episodes, {solved}; logs in {self.run_dir}" + self._faults()
+            f"episodes, {solved}; logs in {self.run_dir}" + self._faults() + self._ranks()
         )
+
+    def _ranks(self) -> str:
+        if len(self.learners) < 2:
+            return ""
+        return f"; {len(self.learners)} learners: " + learner_ranks(self.learners)
 
     def _faults(self) -> str:
         if not (self.actor_restarts or self.replay_restarts or self.learner_restarts):
@@ -130,6 +137,7 @@ def summarise(job: Job, stop: Stop, final: dict[str, Any], wall_s: float) -> Run
         replay_restarts=job.faults.replay_restarts,
         learner_restarts=job.faults.learner_restarts,
         lost_fragments=job.faults.lost_fragments,
+        learners=list(job.placement.get("learners", [])),
         timeline=job.timeline.seconds(),
     )
 
@@ -180,7 +188,9 @@ class Reporter:
         self.env_steps, self.wall_s = job.env_steps, 0.0
         print(
             f"offpg: run {job.name}: {config.env.id}, {config.run.num_actors} actor(s) x "
-            f"{config.actors.num_envs} envs, learner on {job.topology.learner_device}; "
+            f"{config.actors.num_envs} envs, "
+            + (f"{n} learners" if (n := config.learner.num_learners) > 1 else "learner")
+            + f" on {job.topology.learner_device}; "
             f"TensorBoard: offpg tensorboard {job.run_dir}",
             flush=True,
         )
@@ -371,7 +381,11 @@ def running_status(job: Job, **interval: Any) -> dict[str, Any]:
         "backpressure_s": fleet.total().backpressure_s,
         "driver_poll_ms": job.poll_ms,
         "episodes": fleet.episodes.count,
-        "learner": {"version": job.version, "device": job.topology.learner_device},
+        "learner": {
+            "version": job.version,
+            "device": job.topology.learner_device,
+            "ranks": job.placement.get("learners", []),
+        },
         "placement": job.placement,
         "cluster": {
             "cpus_free": ray.available_resources().get("CPU", 0.0),
@@ -382,6 +396,11 @@ def running_status(job: Job, **interval: Any) -> dict[str, Any]:
         "updated_at": time.time(),
         **interval,
     }
+
+
+def learner_ranks(ranks: list[dict[str, Any]]) -> str:
+    """`rank 0 cuda on 10.0.0.1, rank 1 ...`: where each learner rank runs."""
+    return ", ".join(f"rank {r['rank']} {r['device']} on {r['node']}" for r in ranks)
 
 
 def stopped_status(job: Job, reason: str, final: dict[str, Any]) -> dict[str, Any]:

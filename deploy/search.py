@@ -99,12 +99,16 @@ def check_searches(config: JobConfig, searches: Sequence[Search], pbt: bool, tri
     base = flat_config(config)
     seen = set()
     for search in searches:
+        if search.key == "learner.num_learners":
+            raise ConfigError(search.key, "offpg tune runs one learner per trial")
         if search.key in seen:
             raise ConfigError(search.key, "searched twice")
         seen.add(search.key)
         for value in search.values:
             trial_config(base, {search.key: value})
     total = trials * math.prod(len(s.values) for s in searches if s.kind == "grid")
+    if config.learner.num_learners > 1:
+        raise ConfigError("learner.num_learners", "offpg tune runs one learner per trial: set 1")
     if pbt and total < 2:
         raise ConfigError("--trials", f"PBT needs a population of at least 2, got {total}")
     if pbt and not searches:

@@ -19,14 +19,14 @@ from deploy.controller import TokenRefused, check_token
 
 
 def ray_cpus(config: JobConfig) -> int:
-    """Logical CPUs for the embedded Ray: every actor's reservation plus the learner's.
+    """Logical CPUs for the embedded Ray: every actor's reservation plus the learners'.
 
     Ray schedules by logical CPUs, so an actor asking for more than the cluster has would wait
     forever without a word; this gives the embedded Ray enough for what the job starts.
     """
     if config.run.num_cpus:
         return config.run.num_cpus
-    need = math.ceil(config.run.num_actors * config.run.actor_cpus) + 1
+    need = math.ceil(config.run.num_actors * config.run.actor_cpus) + config.learner.num_learners
     return max(need, os.cpu_count() or 1)
 
 

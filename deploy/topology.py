@@ -58,11 +58,14 @@ class Topology:
     learner_device: str = "cpu"
     #: The placement group this job made for its learner (None inside a Tune trial's group).
     group: Any = None
+    #: Every learner rank, rank 0 (`learner`) first (`learner.num_learners`, `deploy.learners`).
+    learners: list[Any] = dataclasses.field(default_factory=list)
 
     def release(self) -> None:
         """End every actor of the job and remove its placement group: a Ray that outlives the
         job (a notebook, a test session, `train()` called twice) gets its CPUs back."""
-        for handle in [*self.actors.values(), self.learner, *self.shards, self.store]:
+        ranks = self.learners or [self.learner]
+        for handle in [*self.actors.values(), *ranks, *self.shards, self.store]:
             ray.kill(handle, no_restart=True)
         self.actors.clear()
         if self.group is not None:
@@ -103,26 +106,44 @@ class Core:
 
 
 def learner_wants_gpu(config: LearnerConfig) -> bool:
+    """Whether each learner gets a GPU: it may use CUDA and the cluster has one per learner."""
     if config.device == "cpu":
         return False
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    return ray.cluster_resources().get("GPU", 0) >= config.num_learners
 
 
-def learner_bundle(config: LearnerConfig) -> PlacementGroupSchedulingStrategy:
-    """Where the learner goes: the one bundle of a new placement group, holding its CPU (and a
-    GPU when it wants CUDA and the cluster has one).
+def learner_bundles(config: LearnerConfig) -> list[PlacementGroupSchedulingStrategy]:
+    """Where the learners go: one bundle each of a new placement group, holding its CPU (and a
+    GPU when `learner_wants_gpu`), packed on one node when they fit there, spread otherwise.
 
-    The replay shards go into the same bundle (they reserve nothing), so all are placed at once,
-    without waiting for the learner to say which node it landed on, and still share a node: the
-    learner's batches never cross the network. Ray restarts any of them inside the bundle; a
-    bundle on a lost node is placed again elsewhere, with all of them.
+    The replay shards go into the learners' bundles (they reserve nothing), so all are placed
+    at once, without waiting for a learner to say which node it landed on, and still share a
+    node with the learner that samples them: batches never cross the network. Ray restarts any
+    of them inside its bundle; a bundle on a lost node is placed again elsewhere.
     """
     in_trial = in_job_group(LEARNER_BUNDLE)  # a Tune trial's: its learner bundle
     if in_trial is not None:
-        return in_trial
+        return [in_trial]
     gpu = {"GPU": 1.0} if learner_wants_gpu(config) else {}
-    group = placement_group([{"CPU": 1.0, **gpu}], strategy="STRICT_PACK")
-    return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+    n = config.num_learners
+    group = placement_group([{"CPU": 1.0, **gpu}] * n, strategy="PACK" if n > 1 else "STRICT_PACK")
+    return [
+        PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k) for k in range(n)
+    ]
+
+
+def rank_of_shard(shard: int, num_shards: int, num_learners: int) -> int:
+    """The learner rank that samples replay shard `shard` (and shares its bundle): `shard %
+    num_learners` when every learner gets the same number of shards; otherwise every rank
+    samples every shard, and the shards sit with rank 0."""
+    return shard % num_learners if num_shards % num_learners == 0 else 0
+
+
+def shards_of_rank(shards: list[Any], rank: int, num_learners: int) -> list[Any]:
+    """The replay shards learner `rank` samples (`rank_of_shard`; all when they do not divide)."""
+    if len(shards) % num_learners:
+        return list(shards)
+    return [s for k, s in enumerate(shards) if k % num_learners == rank]
 
 
 def start_replay(
@@ -131,7 +152,7 @@ def start_replay(
     threads: dict[str, int] | None = None,
     spec: FragmentSpec | None = None,
 ) -> Any:
-    """The replay service, in `place` when given (the learner's bundle, `learner_bundle`), so
+    """The replay service, in `place` when given (a learner's bundle, `learner_bundles`), so
     the learner's batches and the actors' fragments each cross the network at most once.
     `threads` overrides sizes of its concurrency groups (`deploy.workers.replay.THREADS`);
     `spec`, the run's fragment layout, makes it refuse fragments of any other."""
@@ -149,45 +170,52 @@ def start_replay(
     )
 
 
-def start_shards(
-    config: ReplayConfig,
-    place: PlacementGroupSchedulingStrategy | None = None,
-    threads: dict[str, int] | None = None,
-    spec: FragmentSpec | None = None,
-) -> list[Any]:
-    """The `config.num_shards` replay shards (`replay.shards.shard_configs`), each its own
-    replay actor (`start_replay`), all in `place` when given."""
-    return [start_replay(shard, place, threads, spec) for shard in shard_configs(config)]
-
-
 def start_core(
     config: JobConfig, spec: PolicySpec, checkpoint_dir: str, snapshot_path: str | None
 ) -> Core:
-    """Start a job's weight store, replay shards and learner, all at once (`Core.wait` waits
-    for them), and ask the learner to start stepping (it waits for fragments).
+    """Start a job's weight store, replay shards and learners, all at once (`Core.wait` waits
+    for them), and ask the learners to start stepping (they wait for fragments).
 
-    The shards share the learner's placement-group bundle (`learner_bundle`, on a GPU node when
-    the learner wants one), so batches never cross the network. `snapshot_path` is where shard
-    snapshots go (one file per shard, `replay.shards.snapshot_path`); a resumed run restores
-    from there.
+    Each shard shares the bundle of the learner that samples it (`learner_bundles`,
+    `rank_of_shard`), so batches never cross the network. With several learners, rank 0's
+    `rendezvous_address` is handed to every rank's `start` by Ray itself (an object reference as
+    the argument), so they form their group without a round trip through the driver.
+    `snapshot_path` is where shard snapshots go (one file per shard,
+    `replay.shards.snapshot_path`); a resumed run restores from there.
     """
     replay_config = dataclasses.replace(config.replay, snapshot_path=snapshot_path)
-    place = learner_bundle(config.learner)
+    places = learner_bundles(config.learner)
+    n = len(places)
     store = start_store()
     fragments = job_fragment_spec(config, spec)  # the shards refuse fragments of any other
-    shards = start_shards(replay_config, place, spec=fragments)
-    learner = start_learner(
-        spec, config.learner, checkpoint_dir, shards, store, config.run.resume, place
-    )
+    shards = [
+        start_replay(shard, places[rank_of_shard(k, replay_config.num_shards, n)], spec=fragments)
+        for k, shard in enumerate(shard_configs(replay_config))
+    ]
+    learners = [
+        start_learner(
+            spec,
+            config.learner,
+            checkpoint_dir,
+            shards_of_rank(shards, rank, n),
+            store,
+            config.run.resume,
+            places[rank],
+            rank=rank,
+        )
+        for rank in range(n)
+    ]
+    address = learners[0].rendezvous_address.remote() if n > 1 else None
     first_calls = {
         "store_ready": [store.__ray_ready__.remote()],
         "replay_ready": [shard.stats.remote() for shard in shards],
-        "learner_ready": [learner.start.remote()],
-        "learner_node": [learner.node_id.remote()],
+        "learner_ready": [learner.start.remote(address) for learner in learners],
+        "learner_node": [learner.node_id.remote() for learner in learners],
         "replay_nodes": [shard.node_id.remote() for shard in shards],
     }
-    own_group = None if in_job_group(LEARNER_BUNDLE) is not None else place.placement_group
-    return Core(Topology(shards, store, learner, {}, group=own_group), first_calls)
+    own_group = None if in_job_group(LEARNER_BUNDLE) is not None else places[0].placement_group
+    topology = Topology(shards, store, learners[0], {}, group=own_group, learners=learners)
+    return Core(topology, first_calls)
 
 
 def start_controller(run: str, num_actors: int) -> Any:
@@ -234,9 +262,10 @@ def start_learner(
     store: Any,
     resume: bool,
     place: PlacementGroupSchedulingStrategy | None = None,
+    rank: int = 0,
 ) -> Any:
-    """The learner, in `place` when given (`learner_bundle`: its CPU and GPU); `shards` may be
-    None and attached later (`LearnerWorker.attach_replay`)."""
+    """Learner `rank` (of `config.num_learners`), in `place` when given (`learner_bundles`: its
+    CPU and GPU); `shards` may be None and attached later (`LearnerWorker.attach_replay`)."""
     if place is None:
         gpus = 1 if learner_wants_gpu(config) else 0
     else:
@@ -251,7 +280,9 @@ def start_learner(
             max_restarts=-1,
             scheduling_strategy=place or "DEFAULT",
         )
-        .remote(spec.to_dict(), config, checkpoint_dir, shards, store, resume)
+        .remote(
+            spec.to_dict(), config, checkpoint_dir, shards, store, resume, rank, config.num_learners
+        )
     )
 
 

@@ -49,6 +49,8 @@ def join(address: str, rank: int, world_size: int, device: torch.device, timeout
     """Join the default process group of `world_size` ranks at `address` (`free_address` of
     rank 0); every collective on it fails after `timeout_s` seconds instead of hanging."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     try:
         dist.init_process_group(
             backend,

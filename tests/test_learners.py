@@ -9,13 +9,21 @@ rendezvous, the re-forming of the group after a rank dies) is the CartPole run a
 from __future__ import annotations
 
 import datetime
+import os
+import signal
 import threading
 import time
 
 import pytest
+import ray
 import torch
 import torch.distributed as dist
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from deploy import metrics as tags
+from deploy.config import load_config
+from deploy.job import train
+from deploy.session import ray_cpus
 from learner.config import LearnerConfig
 from learner.distributed import GradientSync, GroupBroken, align
 from learner.learner import Learner
@@ -113,3 +121,58 @@ def test_a_rank_left_alone_in_a_collective_fails_after_the_group_timeout():
 
     waited = _in_threads(2, body, timeout_s=1.0)[0]
     assert 0.5 < waited < 15, waited
+
+
+class _KillRank:
+    """SIGKILLs learner rank `rank` once the group has stepped 20 times and checkpointed."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.at_env_steps: int | None = None
+        self.version = -1
+
+    def __call__(self, job) -> None:
+        if (
+            self.at_env_steps is None
+            and job.version >= 20
+            and list(job.checkpoint_dir.glob("*.pt"))
+        ):
+            learner = job.topology.learners[self.rank]
+            os.kill(ray.get(learner.pid.remote(), timeout=30), signal.SIGKILL)
+            self.at_env_steps, self.version = job.env_steps, job.version
+
+
+@pytest.mark.slow
+def test_two_learners_solve_cartpole_and_survive_losing_one(local_ray, tmp_path):
+    """The default recipe with `learner.num_learners=2`: rank 1 is SIGKILLed mid-run, the whole
+    group re-forms from the checkpoint (counted once), and CartPole is still solved within the
+    env-step budget, after the kill."""
+    config = load_config(
+        None,
+        [
+            "learner.num_learners=2",
+            "learner.checkpoint_every=1.0",
+            "run.log_every=1.0",
+            "run.max_env_steps=1000000",
+        ],
+        extra={"run.logdir": str(tmp_path), "run.name": "two"},
+    )
+    kill = _KillRank(1)
+    summary = train(config, on_poll=kill)
+    assert kill.at_env_steps is not None, summary.line()
+    assert summary.ok and summary.solved, summary.line()
+    assert summary.solved_at_env_steps > kill.at_env_steps
+    assert summary.learner_restarts == 1, summary.line()
+    assert [r["rank"] for r in summary.learners] == [0, 1]
+    assert all(r["device"] == "cpu" and r["node"] for r in summary.learners)
+    assert summary.learner_version > kill.version, "the version never goes back"
+    events = EventAccumulator(summary.run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    assert events.Scalars(tags.LEARNER_RESTARTS)[-1].value == 1
+
+
+def test_the_embedded_ray_has_a_cpu_for_every_learner():
+    """Each learner reserves a CPU: an embedded Ray sized for one would leave an actor pending
+    for ever."""
+    config = load_config(None, ["learner.num_learners=2", "run.num_actors=3"])
+    assert ray_cpus(config) >= 3 + 2

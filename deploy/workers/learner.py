@@ -44,6 +44,13 @@ class LearnerWorker:
     checkpoint names, TensorBoard); the jump is `store version + 1 - checkpoint version`.
     The driver sees `started: False` in `drain()`, re-attaches the replay shards and calls
     `start()`.
+
+    With `learner.num_learners` > 1 it is rank `rank` of a data-parallel group
+    (`deploy.learners`): `start(address)` joins the group (rank 0's `rendezvous_address`) and
+    takes rank 0's weights and version (`learner.distributed`), each rank samples
+    `batch_size / world_size` fragments of its own shards, and only rank 0 publishes weights and
+    writes checkpoints. A failed collective ends the stepping thread with `group_broken` set in
+    `drain()`; the driver then re-forms the whole group.
     """
 
     def __init__(
@@ -54,21 +61,27 @@ class LearnerWorker:
         shards: list[Any] | None,
         store: Any,
         resume: bool,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self._shards = shards or []
+        self.rank, self.world_size = rank, world_size
         from learner.learner import Learner  # torch: in this process, not the driver
 
         self.learner = Learner(
             PolicySpec.from_dict(spec),
             config,
             checkpoint_dir=checkpoint_dir,
-            publish=publisher(store),
+            publish=publisher(store) if rank == 0 else None,
         )
         self.reconstructed = was_restarted()
         self.incarnation = uuid.uuid4().hex[:8]
         restore = resume or self.reconstructed
         self.restored = self.learner.restore_latest() if restore else None
-        if self.reconstructed:
+        if rank > 0:  # reads the checkpoints, never writes them
+            self.learner.checkpoint_dir = None
+        self.group_broken = False
+        if self.reconstructed and rank == 0:
             published = ray.get(store.version.remote(), timeout=CALL_TIMEOUT)
             if published >= self.learner.version:
                 log.warning(
@@ -79,7 +92,7 @@ class LearnerWorker:
                     published,
                 )
                 self.learner.version = published + 1
-        self._batch_size = config.batch_size
+        self._batch_size = config.batch_size // world_size
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._metrics: list = []
@@ -98,6 +111,16 @@ class LearnerWorker:
     def pid(self) -> int:
         """This worker's process id (fault-injection tests SIGKILL it)."""
         return os.getpid()
+
+    def identity(self) -> str:
+        """This process's incarnation (a new one after every restart)."""
+        return self.incarnation
+
+    def rendezvous_address(self) -> str:
+        """`tcp://ip:port` on this node for the group's store (rank 0's; a free port)."""
+        from learner.distributed import free_address
+
+        return free_address(ray.util.get_node_ip_address())
 
     def attach_replay(self, shards: list[Any]) -> None:
         """Set the replay shards (again: the driver does after Ray restarted the learner)."""
@@ -130,8 +153,14 @@ class LearnerWorker:
                 last_batch = time.monotonic()
 
     def _loop(self) -> None:
+        from learner.distributed import GroupBroken
+
         try:
             self.learner.run(self._batches(), stop=self._stop, on_step=self._on_step)
+        except GroupBroken as exc:  # a peer died or stopped: the driver re-forms
+            self.group_broken = True
+            if not self._stop.is_set():
+                log.warning("rank %d left the learner group: %s", self.rank, exc)
         except BaseException as exc:
             self._error = f"{type(exc).__name__}: {exc}"
             raise
@@ -160,11 +189,33 @@ class LearnerWorker:
             self._checkpoint_wanted.append(request)
         return request.wait(CHECKPOINT_WAIT_S)
 
-    def start(self) -> dict:
-        """Start stepping (once; a repeated call only reports)."""
+    def start(self, address: str | None = None, shards: list[Any] | None = None) -> dict:
+        """Start stepping (once; a repeated call only reports), on `shards` when given. With
+        more than one rank, first join the group at `address` and take rank 0's weights and
+        version (raises `learner.distributed.GroupBroken` when that fails: the driver re-forms
+        the group)."""
+        if shards is not None:
+            self._shards = list(shards)
+        if self.world_size > 1 and self.learner.sync is None:
+            from learner import distributed  # torch: in this process, not the driver
+
+            distributed.join(
+                address,
+                self.rank,
+                self.world_size,
+                self.learner.device,
+                self.learner.config.group_timeout_s,
+            )
+            all_reduce, broadcast = distributed.group_ops()
+            self.learner.version = distributed.align(
+                self.learner.model, self.learner.version, self.restored, broadcast
+            )
+            self.learner.sync = distributed.GradientSync(all_reduce)
         if self._thread.ident is None:
             self._thread.start()
         return {
+            "rank": self.rank,
+            "node": ray.util.get_node_ip_address(),
             "device": str(self.learner.device),
             "version": self.learner.version,
             "restored": self.restored,
@@ -182,6 +233,7 @@ class LearnerWorker:
             "device_stats": self._device_stats.read(),
             "version": self.learner.version,
             "error": self._error,
+            "group_broken": self.group_broken,
             "alive": self._thread.is_alive(),
             "started": self._thread.ident is not None,
             "incarnation": self.incarnation,

@@ -1,0 +1,158 @@
+"""The driver's side of data-parallel learners (`learner.num_learners` > 1): poll every rank,
+and re-form the whole group when one of them dies.
+
+A collective cannot go on with a rank missing, and a rank that rejoined a group of survivors
+would have to be given their weights and optimiser state mid-run. Re-forming is simpler and as
+correct: every rank is restarted by Ray (`ray.kill(..., no_restart=False)`), restores the newest
+checkpoint (rank 0 then continues above every published version, as a lone learner does,
+`deploy.workers.learner`), and the ranks join a new group at a new address of rank 0's, where
+they take rank 0's weights and version (`learner.distributed.align`). What is lost is what a
+lone learner's restart loses: the steps since the last checkpoint. The re-forming runs over
+several polls, without blocking the driver; `Faults.learner_restarts` counts each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from deploy.workers import CALL_TIMEOUT
+
+_ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)
+
+
+@dataclasses.dataclass
+class _Reform:
+    """A re-forming in progress: waiting for new processes (`idents`), then for the ranks to
+    join and start (`starts`)."""
+
+    since: float
+    old: list[str | None]
+    idents: list[Any] = dataclasses.field(default_factory=list)
+    starts: list[Any] = dataclasses.field(default_factory=list)
+
+
+class LearnerGroup:
+    """Every rank of a job's data-parallel learners (`handles`, rank 0 first).
+
+    `shards_of(rank)` lists the replay shards a rank samples; `on_reformed(info)` is called with
+    rank 0's `start()` answer after each re-forming (the job counts the restart); a group that
+    is not back within `timeout_s` raises RuntimeError."""
+
+    def __init__(
+        self,
+        handles: list[Any],
+        shards_of: Callable[[int], list[Any]],
+        on_reformed: Callable[[dict[str, Any]], None],
+        timeout_s: float,
+    ):
+        self.handles = list(handles)
+        self._shards_of = shards_of
+        self._on_reformed = on_reformed
+        self._timeout_s = timeout_s
+        self._incarnations: list[str | None] = [None] * len(handles)
+        self._reform: _Reform | None = None
+        #: Each rank's `{"rank", "device", "node"}` (`offpg status`, the run summary).
+        self.ranks: list[dict[str, Any]] = []
+
+    def started(self, infos: list[dict[str, Any]]) -> None:
+        """Take every rank's first `start()` answer (where it runs)."""
+        self.ranks = where(infos)
+
+    def drain(self, counters: dict[str, int]) -> dict[str, Any] | None:
+        """Rank 0's `drain()` (the step metrics; every rank is drained); None while the group
+        is re-formed, which starts here when a rank is unreachable, was restarted by Ray or
+        left the group. An error of another kind (divergence) is returned in rank 0's answer."""
+        if self._reform is not None:
+            self._advance()
+            return None
+        refs = [h.drain.remote(counters if r == 0 else {}) for r, h in enumerate(self.handles)]
+        outs: list[dict[str, Any] | None] = []
+        for ref in refs:
+            try:
+                outs.append(ray.get(ref, timeout=CALL_TIMEOUT))
+            except _ACTOR_GONE:
+                outs.append(None)
+        lost = [r for r, out in enumerate(outs) if not self._in_group(r, out)]
+        if lost:
+            self._begin(f"rank(s) {', '.join(map(str, lost))} lost")
+            return None
+        first = outs[0]
+        errors = [out["error"] for out in outs if out["error"]]
+        return {**first, "error": first["error"] or (errors[0] if errors else None)}
+
+    def _in_group(self, rank: int, out: dict[str, Any] | None) -> bool:
+        if out is None or not out["started"] or out["group_broken"]:
+            return False
+        if self._incarnations[rank] is None:
+            self._incarnations[rank] = out["incarnation"]
+        return out["incarnation"] == self._incarnations[rank]
+
+    def _begin(self, why: str) -> None:
+        """Restart every rank's process (Ray restarts them: `max_restarts=-1`)."""
+        print(
+            f"\noffpg: learner group: {why}; re-forming all {len(self.handles)} ranks from the "
+            "last checkpoint",
+            file=sys.stderr,
+        )
+        since = self._reform.since if self._reform is not None else time.monotonic()
+        self._reform = _Reform(since, list(self._incarnations))
+        for handle in self.handles:
+            ray.kill(handle, no_restart=False)
+
+    def _advance(self) -> None:
+        """One look at the re-forming, without waiting: new processes up -> join and start ->
+        done."""
+        reform = self._reform
+        if time.monotonic() - reform.since > self._timeout_s:
+            raise RuntimeError(f"the learner group did not re-form within {self._timeout_s:g} s")
+        if not reform.starts:
+            if not reform.idents:
+                reform.idents = [h.identity.remote() for h in self.handles]
+            if not _all_done(reform.idents):
+                return
+            try:
+                idents = ray.get(reform.idents)
+            except _ACTOR_GONE:  # asked while still dying: ask again
+                reform.idents = []
+                return
+            if any(ident == old for ident, old in zip(idents, reform.old, strict=True)):
+                reform.idents = []  # an old process answered before its kill landed
+                return
+            self._incarnations = idents
+            address = self.handles[0].rendezvous_address.remote()
+            reform.starts = [
+                h.start.remote(address, self._shards_of(r)) for r, h in enumerate(self.handles)
+            ]
+            return
+        if not _all_done(reform.starts):
+            return
+        try:
+            infos = ray.get(reform.starts)
+        except (ray.exceptions.RayError, RuntimeError) as exc:  # a rank failed to join
+            self._begin(f"re-forming failed ({type(exc).__name__}), again")
+            return
+        self._reform = None
+        self.started(infos)
+        self._on_reformed(infos[0])
+
+    def stop_others(self) -> None:
+        """End every rank but rank 0 (at the stop: rank 0, alone, writes the final checkpoint;
+        a step it was in fails at once on the closed connections)."""
+        for handle in self.handles[1:]:
+            ray.kill(handle, no_restart=True)
+
+
+def where(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each rank's `{"rank", "device", "node"}` from the ranks' `start()` answers."""
+    return [{key: info[key] for key in ("rank", "device", "node")} for info in infos]
+
+
+def _all_done(refs: list[Any]) -> bool:
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return len(done) == len(refs)
