@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deploy import metrics as tags
+from deploy.commands import format_status
 from deploy.config import load_config
 from deploy.job import train
 from deploy.session import ray_cpus
@@ -124,22 +125,23 @@ def test_a_rank_left_alone_in_a_collective_fails_after_the_group_timeout():
 
 
 class _KillRank:
-    """SIGKILLs learner rank `rank` once the group has stepped 20 times and checkpointed."""
+    """SIGKILLs learner rank `rank` once the group has stepped 20 times and checkpointed; keeps
+    what `offpg status` shows after the group re-formed."""
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.at_env_steps: int | None = None
         self.version = -1
+        self.status: str | None = None
 
     def __call__(self, job) -> None:
-        if (
-            self.at_env_steps is None
-            and job.version >= 20
-            and list(job.checkpoint_dir.glob("*.pt"))
-        ):
-            learner = job.topology.learners[self.rank]
-            os.kill(ray.get(learner.pid.remote(), timeout=30), signal.SIGKILL)
-            self.at_env_steps, self.version = job.env_steps, job.version
+        if self.at_env_steps is None:
+            if job.version >= 20 and list(job.checkpoint_dir.glob("*.pt")):
+                learner = job.topology.learners[self.rank]
+                os.kill(ray.get(learner.pid.remote(), timeout=30), signal.SIGKILL)
+                self.at_env_steps, self.version = job.env_steps, job.version
+        elif self.status is None and job.faults.learner_restarts:
+            self.status = format_status(ray.get(job.controller.status.remote(), timeout=30))
 
 
 @pytest.mark.slow
@@ -169,6 +171,8 @@ def test_two_learners_solve_cartpole_and_survive_losing_one(local_ray, tmp_path)
     events = EventAccumulator(summary.run_dir, size_guidance={"scalars": 0})
     events.Reload()
     assert events.Scalars(tags.LEARNER_RESTARTS)[-1].value == 1
+    assert kill.status is not None and "(2 learners: rank 0 cpu on " in kill.status, kill.status
+    assert ", rank 1 cpu on " in kill.status
 
 
 def test_the_embedded_ray_has_a_cpu_for_every_learner():
