@@ -61,8 +61,9 @@ class LearnerGroup:
         self.ranks: list[dict[str, Any]] = []
 
     def started(self, infos: list[dict[str, Any]]) -> None:
-        """Take every rank's first `start()` answer (where it runs)."""
+        """Take every rank's `start()` answer (where it runs, which process it is)."""
         self.ranks = where(infos)
+        self._incarnations = [info["incarnation"] for info in infos]
 
     def drain(self, counters: dict[str, int]) -> dict[str, Any] | None:
         """Rank 0's `drain()` (the step metrics; every rank is drained); None while the group
@@ -80,7 +81,15 @@ class LearnerGroup:
                 outs.append(None)
         lost = [r for r, out in enumerate(outs) if not self._in_group(r, out)]
         if lost:
-            self._begin(f"rank(s) {', '.join(map(str, lost))} lost")
+            # A rank Ray has already restarted (a new process, not started) is not killed again.
+            fresh = {
+                r
+                for r, out in enumerate(outs)
+                if out is not None
+                and not out["started"]
+                and out["incarnation"] != self._incarnations[r]
+            }
+            self._begin(f"rank(s) {', '.join(map(str, lost))} lost", keep=fresh)
             return None
         first = outs[0]
         errors = [out["error"] for out in outs if out["error"]]
@@ -93,8 +102,9 @@ class LearnerGroup:
             self._incarnations[rank] = out["incarnation"]
         return out["incarnation"] == self._incarnations[rank]
 
-    def _begin(self, why: str) -> None:
-        """Restart every rank's process (Ray restarts them: `max_restarts=-1`)."""
+    def _begin(self, why: str, keep: set[int] = frozenset()) -> None:
+        """Restart every rank's process but those in `keep`, new ones that have not started
+        (Ray restarts them: `max_restarts=-1`)."""
         print(
             f"\noffpg: learner group: {why}; re-forming all {len(self.handles)} ranks from the "
             "last checkpoint",
@@ -102,8 +112,9 @@ class LearnerGroup:
         )
         since = self._reform.since if self._reform is not None else time.monotonic()
         self._reform = _Reform(since, list(self._incarnations))
-        for handle in self.handles:
-            ray.kill(handle, no_restart=False)
+        for rank, handle in enumerate(self.handles):
+            if rank not in keep:
+                ray.kill(handle, no_restart=False)
 
     def _advance(self) -> None:
         """One look at the re-forming, without waiting: new processes up -> join and start ->
@@ -124,7 +135,7 @@ class LearnerGroup:
             if any(ident == old for ident, old in zip(idents, reform.old, strict=True)):
                 reform.idents = []  # an old process answered before its kill landed
                 return
-            self._incarnations = idents
+            self._incarnations = idents  # the processes a failed attempt would kill again
             address = self.handles[0].rendezvous_address.remote()
             reform.starts = [
                 h.start.remote(address, self._shards_of(r)) for r, h in enumerate(self.handles)

@@ -215,6 +215,7 @@ class LearnerWorker:
             self._thread.start()
         return {
             "rank": self.rank,
+            "incarnation": self.incarnation,
             "node": ray.util.get_node_ip_address(),
             "device": str(self.learner.device),
             "version": self.learner.version,
