@@ -16,9 +16,9 @@ learner, the replay service and the weight store, and `--nodes` worker nodes wit
 - the actors: logical rollout actors, `--hosts` processes each hosting its share of them
   (`benchmarks/fleet_host.py`: each is the job's own `RolloutWorker`, with its own actor id,
   `RaySink` with inserts in flight and weight syncs, 4 envs), so 256 fit into a few GB;
-- the driver's poll: `deploy.fleet.Fleet.poll` over one handle per logical actor, every
-  `--poll-every` s, then the learner's metrics and the replay service's stats, as `offpg train`
-  does.
+- the driver's poll: `deploy.fleet.Fleet` over one handle per logical actor, every
+  `--poll-every` s, asking at most `deploy.job.ASKS_PER_POLL` of them, then the learner's
+  metrics and the replay service's stats, as `offpg train` does.
 
 It reports per point, over the window after `--warmup` s: inserts/s and MB/s into replay,
 fragments/s sampled out, p50/p99 insert latency (submission to the replay's reply), p50/p99
@@ -58,7 +58,7 @@ from benchmarks.loopback import LoopbackCluster
 from deploy import topology
 from deploy.config import JobConfig, RunConfig, load_config
 from deploy.fleet import ActorState, Fleet
-from deploy.job import Faults
+from deploy.job import ASKS_PER_POLL, Faults
 from deploy.replay_shards import ReplayShards
 from deploy.specs import job_policy_spec
 
@@ -166,8 +166,9 @@ def _timed(call: Any) -> tuple[Any, float | None]:
 
 def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
     """Poll as `deploy.job` does for `seconds`, every `poll_every` s: take the answers to the
-    last poll's stats calls that are back and ask again, drain the learner and poll the replay
-    shards; the poll's time is the driver's own work (as `driver/poll_ms`), not its sleeps.
+    last poll's stats calls that are back and ask again (at most `ASKS_PER_POLL` actors, those
+    asked longest ago), drain the learner and poll the replay shards; the poll's time is the
+    driver's own work (as `driver/poll_ms`), not its sleeps.
     (`deploy.job` spaces its polls by `deploy.points.PointClock.tick_s`, 0.05-0.25 s and at
     least 10x a poll's CPU; a fixed interval here keeps the points comparable.)"""
     topo, shards = point["topo"], point["shards"]
@@ -178,7 +179,7 @@ def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
         time.sleep(poll_every)
         started = time.perf_counter()
         fleet.take_ready()
-        fleet.ask()
+        fleet.ask(limit=ASKS_PER_POLL)
         fleet_s = time.perf_counter() - started
         counters = {"env_steps": fleet.env_steps}
         drained, _ = _timed(

@@ -170,6 +170,14 @@ class LoopbackCluster:
     def status(self, run: str) -> dict:
         return json.loads(self.offpg("status", run, "--json", "--address", self.gcs))
 
+    def node_id(self, proc: subprocess.Popen) -> str:
+        """The Ray node id of the node that `proc` (its `ray start`) runs."""
+        port = next(int(a.split("=")[1]) for a in proc.args if "node-manager-port" in a)
+        for node in self.api("/nodes?view=summary")["data"]["summary"]:
+            if int(node["raylet"]["nodeManagerPort"]) == port:
+                return node["raylet"]["nodeId"]
+        raise AssertionError(f"no node with node manager port {port}")
+
     def job_status(self, job_id: str) -> str:
         return self.api(f"/api/jobs/{job_id}")["status"]
 
@@ -281,9 +289,10 @@ def stop_run(rc: LoopbackCluster, run: str, job_id: str) -> str:
     return out
 
 
-def test_launch_scale_2_4_1_beyond_the_cluster_and_stop(cluster, tmp_path):
+def test_launch_scale_2_4_1_beyond_the_cluster_lose_a_node_and_stop(cluster, tmp_path):
     """One launched run: scaled 2 -> 4 -> 1 (training goes on), then to 5, more than the cluster
-    holds (the 5th is pending, not failed, until a node joins), then stopped."""
+    holds (the 5th is pending, not failed, until a node joins); that node is lost (issue 6: its
+    actors are restarted on the remaining nodes, counted); then stopped."""
     rc, run = cluster, "elastic"
     job_id = launch(rc, run, tmp_path, "run.num_actors=2")
     extra = None
@@ -349,6 +358,28 @@ def test_launch_scale_2_4_1_beyond_the_cluster_and_stop(cluster, tmp_path):
         joined = wait_for(rc, run, "5 actors running after the node joined", running(5))
         assert joined["actors"]["restarted"] == 0
 
+        # That node dies (its `ray start` process group is killed): the actors it held are
+        # restarted (counted) on the remaining nodes, the one that does not fit waits pending
+        # (4 one-CPU places again), and training goes on.
+        dead = rc.node_id(extra)
+        lost = joined["actors"]["by_node"].get(dead, 0)
+        assert lost >= 1, f"the joined node holds no actor: {joined['actors']}"
+        rc.end_group(extra)
+        extra = None
+        after = wait_for(
+            rc,
+            run,
+            "the lost node's actors restarted elsewhere, the rest pending",
+            lambda s: (
+                s["state"] == "running"
+                and s["actors"]["restarted"] >= lost
+                and dead not in s["actors"]["by_node"]
+                and (s["actors"]["running"], s["actors"]["pending"]) == (4, 1)
+            ),
+        )
+        later = wait_for(rc, run, "making progress", lambda s: s["env_steps"] > after["env_steps"])
+        assert later["learner"]["version"] > after["learner"]["version"]
+
         out = stop_run(rc, run, job_id)
         checkpoint = out.rsplit("final checkpoint ", 1)[1].strip()
         assert Path(checkpoint).is_file() and Path(checkpoint).parent.parent == tmp_path / run
@@ -364,51 +395,6 @@ def test_launch_scale_2_4_1_beyond_the_cluster_and_stop(cluster, tmp_path):
             rc.offpg("stop", run, "--address", rc.gcs, "--no-wait", check=False)
         if extra is not None:
             rc.end_group(extra)
-
-
-def test_lost_worker_node_its_actors_are_recreated_on_the_remaining_nodes(cluster, tmp_path):
-    """Issue 6: a worker node dies (its `ray start` process group is killed): the actors it held
-    are restarted (counted) on the remaining nodes, the fleet returns to its size, and training
-    goes on. Runs last in this module: the cluster is a node short afterwards."""
-    rc, run = cluster, "nodeloss"
-    job_id = launch(rc, run, tmp_path, "run.num_actors=2")
-    try:
-        before = wait_for(rc, run, "2 actors running", running(2))
-        # The worker node holding an actor but not the learner (the head has only 1 CPU).
-        by_port = {
-            int(n["raylet"]["nodeManagerPort"]): n["raylet"]["nodeId"]
-            for n in rc.api("/nodes?view=summary")["data"]["summary"]
-            if n["raylet"].get("state") == "ALIVE"
-        }
-        victims = []
-        for proc in rc.nodes[1:]:
-            if proc.poll() is not None:
-                continue
-            port = next(int(a.split("=")[1]) for a in proc.args if "node-manager-port" in a)
-            node = by_port.get(port)
-            if node in before["actors"]["by_node"] and node != before["placement"]["learner_node"]:
-                victims.append((proc, node))
-        assert victims, f"no worker node holds an actor without the learner: {before}"
-        proc, dead = victims[0]
-        rc.end_group(proc)
-
-        after = wait_for(
-            rc,
-            run,
-            "2 actors running again, off the lost node",
-            lambda s: (
-                running(2)(s)
-                and s["actors"]["restarted"] >= before["actors"]["by_node"][dead]
-                and dead not in s["actors"]["by_node"]
-            ),
-            timeout=START_S * 2,
-        )
-        later = wait_for(rc, run, "making progress", lambda s: s["env_steps"] > after["env_steps"])
-        assert later["learner"]["version"] > before["learner"]["version"]
-        stop_run(rc, run, job_id)
-    finally:
-        if rc.job_status(job_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-            rc.offpg("stop", run, "--address", rc.gcs, "--no-wait", check=False)
 
 
 def test_a_client_without_the_token_fails_at_once_with_one_line(cluster, tmp_path):
