@@ -1,7 +1,8 @@
 """A simulated fleet of hundreds of rollout actors feeding one learner, on a loopback cluster.
 
     python benchmarks/fleet.py [--quick] [--actors 16,64,256] [--shards 1,2] [--obs atari]
-                               [--seconds S] [--big-seconds S] [--set section.key=value ...]
+                               [--seconds S] [--big-seconds S] [--poll-every S]
+                               [--set section.key=value ...] [--name NAME]
 
 Starts a multi-node Ray cluster on this machine (`benchmarks/loopback.py`: a head holding the
 learner, the replay service and the weight store, and `--nodes` worker nodes with a fake
@@ -419,6 +420,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=1, help="worker nodes for the hosts")
     parser.add_argument("--hosts", type=int, default=2, help="processes hosting the actors")
     parser.add_argument("--set", action="append", default=[], help="section.key=value")
+    parser.add_argument("--name", default="", help="results/NAME.{md,json,png} (default fleet)")
     args = parser.parse_args(argv)
     if args.quick:
         args.actors, args.seconds, args.big_seconds = "64", 60.0, 60.0
@@ -490,9 +492,10 @@ def targets(results: list[dict]) -> list[str]:
 
 def write(results: list[dict], args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
-    name = "fleet_quick" if args.quick else "fleet"
+    name = args.name or ("fleet_quick" if args.quick else "fleet")
     header = (
-        f"# benchmarks/fleet.py{' --quick' if args.quick else ''} --obs {args.obs}\n\n"
+        f"# benchmarks/fleet.py{' --quick' if args.quick else ''} --obs {args.obs} "
+        f"--poll-every {args.poll_every:g}\n\n"
         f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores; head + {args.nodes} "
         f"worker node(s) on loopback, {args.hosts} host processes; load average (1 min) before "
         "each point: "
