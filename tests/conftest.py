@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,22 +77,52 @@ def make_fragment():
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray for one test module (4 logical CPUs: a learner and a few actors), whose
-    workers can import the repository and the test helpers (they inherit PYTHONPATH). A Ray
-    another module left running is shut down first, so every module gets the same setup."""
-    if ray.is_initialized():
-        ray.shutdown()
+#: Logical CPUs of the test session's local Ray: a learner and a few actors.
+RAY_CPUS = 4
+#: Seconds a module's actors get to give their CPUs back after its last test.
+RELEASE_S = 30.0
+
+
+def _start_ray() -> None:
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="ERROR")
+
+
+@pytest.fixture(scope="session")
+def _session_ray():
+    """One local Ray for every module that asks for `local_ray` (it starts in seconds, many
+    times over a suite), whose workers can import the repository and the test helpers (they
+    inherit PYTHONPATH)."""
     old = os.environ.get("PYTHONPATH")
     paths = (str(_ROOT), str(_ROOT / "tests"), old)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    _start_ray()
     try:
-        yield ray
+        yield
     finally:
         ray.shutdown()
         if old is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old
+
+
+@pytest.fixture(scope="module")
+def local_ray(_session_ray):
+    """The session's local Ray (`RAY_CPUS` logical CPUs), for one module.
+
+    A module gives back every CPU its jobs and actors reserved (`train()` does, see
+    `deploy.topology.Topology.release`). One that has not within `RELEASE_S` after its last test
+    fails there, and the Ray is started afresh, so the next module is not starved by it."""
+    if not ray.is_initialized():
+        _start_ray()
+    yield ray
+    deadline = time.monotonic() + RELEASE_S
+    while (free := ray.available_resources().get("CPU", 0.0)) < RAY_CPUS:
+        if time.monotonic() > deadline:
+            ray.shutdown()
+            _start_ray()
+            pytest.fail(
+                f"the module's actors still held {RAY_CPUS - free:g} of the session Ray's "
+                f"{RAY_CPUS} CPUs {RELEASE_S:g} s after its last test (Ray restarted)"
+            )
+        time.sleep(0.2)
