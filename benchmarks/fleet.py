@@ -332,10 +332,14 @@ def run_point(config: JobConfig, num_actors: int, shards: int, args: argparse.Na
 
 
 def kill_point(topo: topology.Topology, hosts: list) -> None:
-    """Kill a point's Ray actors (its learner, replay service, weight store, hosts)."""
-    for handle in (*hosts, topo.learner, *topo.shards, topo.store):
+    """End a point: its hosts, then what `topology.start_core` started (the learner, replay
+    shards and weight store) and the learner's placement group, whose CPU the next point's
+    learner needs (`Topology.release`)."""
+    for handle in hosts:
         with contextlib.suppress(ray.exceptions.RayError):
             ray.kill(handle, no_restart=True)
+    topo.actors.clear()  # the logical actors' handles: they ended with their hosts
+    topo.release()
 
 
 def _round(value: Any) -> Any:
