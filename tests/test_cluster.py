@@ -68,6 +68,12 @@ class LoopbackCluster:
             RAY_AUTH_TOKEN=self.token,
             RAY_USAGE_STATS_ENABLED="0",
             PYTHONPATH=str(REPO),
+            # The run's worker processes (learner, actors) yield the CPU to the nodes' own
+            # processes: a node joining a busy 2-core cluster must start its raylet and its two
+            # Python agents within Ray's registration deadlines, which the run's load made it
+            # miss. How long a raylet waits for its agents is raised for the same reason.
+            RAY_worker_niceness="10",
+            RAY_agent_register_timeout_ms="120000",
         )
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
