@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray
 
 if not Path("/proc/self/environ").exists():
     pytest.skip("the teardown finds leftover processes through /proc", allow_module_level=True)
@@ -35,6 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 #: a 2-core machine that the learner and the other actors keep busy (90 s ran out at a load
 #: average of 50 from other jobs on the machine).
 START_S = 180.0
+#: Tries to start a node: a raylet whose Python agents do not come up within Ray's fixed
+#: deadline (about 15 s) dies, and a node joining while a run keeps 2 cores busy can miss it.
+ATTEMPTS = 4
 
 
 def free_port() -> int:
@@ -84,8 +88,8 @@ class LoopbackCluster:
     def _start(self, args: list[str], name: str, cpus: float) -> subprocess.Popen:
         """Start a node and wait until the cluster has `cpus` CPUs. Ray gives a raylet 30 s
         (fixed) to register; on a loaded 2-core machine that can run out, so a node whose
-        start failed is cleaned up and tried once more."""
-        for attempt in range(2):
+        start failed is cleaned up and tried again, `ATTEMPTS` times in all."""
+        for attempt in range(ATTEMPTS):
             log = open(Path(self.temp_dir) / f"{name}-{attempt}.log", "wb")  # noqa: SIM115
             proc = subprocess.Popen(
                 ["ray", "start", "--block", "--node-ip-address=127.0.0.1", *args, *node_ports()],
@@ -230,6 +234,10 @@ def _pids() -> list[int]:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LoopbackCluster]:
+    # The test session's local Ray (tests/conftest.py) is not needed here: its processes would
+    # take CPU from the nodes starting on 2 cores. The next module that needs it starts it.
+    if ray.is_initialized():
+        ray.shutdown()
     rc = LoopbackCluster()
     try:
         rc.start_head()
