@@ -223,11 +223,12 @@ class Chaos:
     def _solved_after_faults(self, job: Job) -> bool:
         """Stop the run once a full window of episodes that all began after the last fault
         averages the target. Every env has moved past the episode it was in at the last fault
-        once each of the 64 envs has taken 1,000 more steps (episodes last at most 500), so
-        episodes finished from then on began after it."""
+        once each env has taken 1,000 more steps (episodes last at most 500), so episodes
+        finished from then on began after it."""
         episodes = job.fleet.episodes
+        envs = job.config.run.num_actors * job.config.actors.num_envs
         if self.episodes_clean_from is None:
-            if job.env_steps >= self.env_steps_at_last_fault + 64 * 1000:
+            if job.env_steps >= self.env_steps_at_last_fault + envs * 1000:
                 self.episodes_clean_from = episodes.count
             return False
         if episodes.count - self.episodes_clean_from < RETURN_WINDOW:

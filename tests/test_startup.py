@@ -50,9 +50,10 @@ def test_replay_store_and_controller_processes_import_no_torch(local_ray, tmp_pa
 
 
 def test_the_driver_and_a_bad_config_import_no_torch():
-    """The driver builds no network (its learner and actors do, in their own processes) and a
-    bad config is refused before anything heavy is imported: `offpg train --set lr=-1` answers
-    in a fraction of a second, not after torch's import."""
+    """Importing the driver's modules and checking a config import no torch (the learner and
+    the actors build the network, in their own processes; `train()` loads torch only when it
+    runs, before Ray, for TensorBoard's writer), so a bad config is refused at once:
+    `offpg train --set lr=-1` answers without torch's import."""
     code = (
         "import sys\n"
         "import deploy.cli, deploy.job, deploy.tune\n"
