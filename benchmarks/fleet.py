@@ -59,6 +59,7 @@ from benchmarks.loopback import LoopbackCluster
 from deploy import topology
 from deploy.config import JobConfig, RunConfig, load_config
 from deploy.fleet import ActorState, Fleet
+from deploy.inflight import InFlight
 from deploy.job import ASKS_PER_POLL, Faults
 from deploy.replay_shards import ReplayShards
 from deploy.specs import job_policy_spec
@@ -121,8 +122,8 @@ class Sample:
     t: float  # seconds since all actors started
     poll_s: float
     fleet_s: float  # the part of it spent on the actors (ask, take the answers)
-    stats_s: float | None  # None: the replay's stats call timed out
-    version: int | None  # None: the learner's drain call timed out
+    stats_s: float | None  # the shards' stats calls, ask to take; None: no answer this poll
+    version: int | None  # None: no answer from the learner's drain this poll
     inserted: int | None
     sampled: int | None
     env_steps: int
@@ -167,14 +168,17 @@ def _timed(call: Any) -> tuple[Any, float | None]:
 
 def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
     """Poll as `deploy.job` does for `seconds`, every `poll_every` s: take the answers to the
-    last poll's stats calls that are back and ask again (at most `ASKS_PER_POLL` actors, those
-    asked longest ago), drain the learner and poll the replay shards; the poll's time is the
-    driver's own work (as `driver/poll_ms`), not its sleeps.
+    earlier polls' calls that are back, without waiting (`deploy.inflight`), and ask again: at
+    most `ASKS_PER_POLL` actors (those asked longest ago), the learner's `drain()` and the
+    replay shards' `stats()`; the poll's time is the driver's own work (as `driver/poll_ms`),
+    not its sleeps.
     (`deploy.job` spaces its polls by `deploy.points.PointClock.tick_s`, 0.05-0.25 s and at
     least 10x a poll's CPU; a fixed interval here keeps the points comparable.)"""
     topo, shards = point["topo"], point["shards"]
+    drains: InFlight[int] = InFlight("the learner's drain()", CONTROL_TIMEOUT_S)
     samples: list[Sample] = []
     steps: list[Any] = []
+    timeouts = 0
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         time.sleep(poll_every)
@@ -182,11 +186,15 @@ def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
         fleet.take_ready()
         fleet.ask(limit=ASKS_PER_POLL)
         fleet_s = time.perf_counter() - started
-        counters = {"env_steps": fleet.env_steps}
-        drained, _ = _timed(
-            lambda c=counters: ray.get(topo.learner.drain.remote(c), timeout=CONTROL_TIMEOUT_S)
-        )
-        stats, stats_s = _timed(lambda: shards.poll(fleet.acknowledged_by_shard()))
+        drained = (drains.take() or {}).get(0)
+        try:
+            stats = shards.take()
+        except ray.exceptions.RayError:
+            stats, timeouts = None, timeouts + 1
+        if isinstance(drained, BaseException):
+            drained, timeouts = None, timeouts + 1
+        drains.ask({0: topo.learner.drain.remote({"env_steps": fleet.env_steps})})
+        shards.ask(fleet.acknowledged_by_shard())
         poll_s = time.perf_counter() - started
         now = time.monotonic() - t0
         if drained is not None:
@@ -196,14 +204,19 @@ def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
                 t=now,
                 poll_s=poll_s,
                 fleet_s=fleet_s,
-                stats_s=stats_s,
+                stats_s=shards.stats_calls.latency_s if stats else None,
                 version=drained["version"] if drained else None,
                 inserted=stats["inserted"] if stats else None,
                 sampled=stats["sampled"] if stats else None,
                 env_steps=fleet.env_steps,
             )
         )
-    return {"samples": samples, "steps": steps, "seconds": time.monotonic() - t0}
+    return {
+        "samples": samples,
+        "steps": steps,
+        "seconds": time.monotonic() - t0,
+        "timeouts": timeouts,
+    }
 
 
 def stalls(samples: list[Sample], end: float) -> tuple[int, float]:
@@ -261,7 +274,7 @@ def summarise(run: dict, probes: dict, final: dict, accounts: dict, warmup: floa
         "poll_fleet_ms_p50": pct([s.fleet_s for s in samples if s.t >= warmup], 50),
         "poll_fleet_ms_p99": pct([s.fleet_s for s in samples if s.t >= warmup], 99),
         "stats_ms_p99": pct([s.stats_s for s in window if s.stats_s is not None], 99),
-        "control_timeouts": sum(s.stats_s is None or s.version is None for s in samples),
+        "control_timeouts": run["timeouts"],
         "lag_mean": float(np.mean([m.lag_mean for m in steps])) if steps else None,
         "lag_max": max((m.lag_max for m in steps), default=None),
         "stalls": n_stalls,

@@ -28,7 +28,7 @@ from deploy import report, session, topology
 from deploy.config import ConfigError, JobConfig
 from deploy.controller import Orders
 from deploy.fleet import Fleet
-from deploy.learners import LearnerGroup, where
+from deploy.learners import LearnerGroup, SoleLearner, where
 from deploy.replay_shards import ReplayShards, stray_snapshots
 from deploy.report import Reporter, RunSummary, Stop
 from deploy.specs import job_policy_spec
@@ -93,15 +93,14 @@ class Job:
         #: Each replay shard's stats at the stop, after the actors' last inserts (`stop`).
         self.final_shard_stats: list[dict[str, Any]] | None = None
         self.fleet: Fleet | None = None
-        #: The data-parallel learners' ranks (`learner.num_learners` > 1; `deploy.learners`).
-        self.learners: LearnerGroup | None = None
+        #: The driver's side of the learner, or of its ranks (`deploy.learners`).
+        self.learner: SoleLearner | LearnerGroup | None = None
         self.controller: Any = None  # the run's named controller (deploy.controller)
         self.placement: dict[str, Any] = {}
         self.version = 0  # the learner's, at the last poll
         self.faults = Faults()
         #: Milliseconds the last full poll took (actors, learner, replay shards).
         self.poll_ms = 0.0
-        self._learner_down_since: float | None = None
 
     @property
     def env_steps(self) -> int:
@@ -151,7 +150,7 @@ class Job:
             flush=True,
         )
         self.fleet.retired.env_steps += int(restored_steps)
-        replay_stats = self.poll_replay()
+        replay_stats = self.replay.poll(self.fleet.acknowledged_by_shard())
         if replay_stats["restored_fragments"] or replay_stats["restore_errors"]:
             errors = "; ".join(replay_stats["restore_errors"])
             print(
@@ -162,17 +161,21 @@ class Job:
             )
 
     def _start_group(self, infos: list[dict[str, Any]]) -> None:
-        """Where each learner rank runs (`offpg status`); a `LearnerGroup` for several."""
+        """The driver's side of the learner (`deploy.learners`); where each rank runs."""
         topo = self.topology
         if len(topo.learners) > 1:
             n = len(topo.learners)
-            self.learners = LearnerGroup(
+            self.learner = LearnerGroup(
                 topo.learners,
                 lambda rank: topology.shards_of_rank(topo.shards, rank, n),
                 self._count_restart,
                 LEARNER_RESTART_TIMEOUT_S,
             )
-            self.learners.started(infos)
+            self.learner.started(infos)
+        else:
+            self.learner = SoleLearner(
+                topo.learner, topo.shards, self._count_restart, LEARNER_RESTART_TIMEOUT_S
+            )
         self.placement["learners"] = where(infos)
 
     def _abandon(self) -> None:
@@ -185,54 +188,26 @@ class Job:
         for handle in (*topo.shards, topo.store):
             ray.kill(handle, no_restart=True)
 
-    def poll_replay(self) -> dict[str, Any]:
-        """Every replay shard's stats, merged, after counting shard restarts."""
-        return self.replay.poll(self.fleet.acknowledged_by_shard())
+    def ask(self) -> None:
+        """Ask the learner(s) for their metrics and the replay shards for their stats (answered
+        for a later poll: `take_learner`, `take_replay`)."""
+        self.learner.ask({"env_steps": self.env_steps})
+        self.replay.ask(self.fleet.acknowledged_by_shard())
 
-    def drain_learner(self) -> dict[str, Any] | None:
-        """The learner's metrics since the last call; None while Ray restarts its process.
-
-        A restarted learner has restored its newest checkpoint (see `topology.LearnerWorker`);
-        here it gets the replay service again and starts stepping, and the restart is counted.
-        Raises RuntimeError when it stays unreachable for `LEARNER_RESTART_TIMEOUT_S`.
-        Several learners are polled, and re-formed, by their `LearnerGroup`.
-        """
-        if self.learners is not None:
-            return self.learners.drain({"env_steps": self.env_steps})
-        learner = self.topology.learner
-        try:
-            out = ray.get(
-                learner.drain.remote({"env_steps": self.env_steps}), timeout=topology.CALL_TIMEOUT
-            )
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-            now = time.monotonic()
-            if self._learner_down_since is None:
-                self._learner_down_since = now
-                print(f"\noffpg: learner unreachable, Ray restarts it: {exc}", file=sys.stderr)
-            elif now - self._learner_down_since > LEARNER_RESTART_TIMEOUT_S:
-                raise RuntimeError(
-                    f"the learner has been unreachable for {LEARNER_RESTART_TIMEOUT_S:g} s: {exc}"
-                ) from exc
-            return None
-        if not out["started"]:
-            out["version"] = self._restart_learner()
-        self._learner_down_since = None
+    def take_learner(self) -> dict[str, Any] | None:
+        """The learner's metrics since its last answer, once back; None before, and while Ray
+        restarts it or the group re-forms (`deploy.learners`)."""
+        out = self.learner.take()
+        if out is not None:
+            self.version = out["version"]
         return out
-
-    def _restart_learner(self) -> int:
-        """Attach the replay service to a learner Ray restarted and start it; its new version."""
-        learner = self.topology.learner
-        ray.get(learner.attach_replay.remote(self.topology.shards), timeout=topology.CALL_TIMEOUT)
-        info = ray.get(learner.start.remote(), timeout=topology.CALL_TIMEOUT * 5)
-        self._count_restart(info)
-        return info["version"]
 
     def _count_restart(self, info: dict[str, Any]) -> None:
         """Count a learner restart (or a re-forming of the group) from rank 0's `start()`."""
         self.faults.learner_restarts += 1
         self.faults.learner_restores.append((info["restored"], info["version"]))
-        if self.learners is not None:
-            self.placement["learners"] = self.learners.ranks
+        if isinstance(self.learner, LearnerGroup):
+            self.placement["learners"] = self.learner.ranks
         print(
             f"\noffpg: learner restarted ({self.faults.learner_restarts}) from checkpoint version "
             f"{info['restored']}, continuing as v{info['version']}",
@@ -259,8 +234,8 @@ class Job:
         learner = self.topology.learner
         counters = {"env_steps": self.env_steps}
         stopping = learner.stop.remote(counters)
-        if self.learners is not None:
-            self.learners.stop_others()  # rank 0 alone writes the final checkpoint
+        if isinstance(self.learner, LearnerGroup):
+            self.learner.stop_others()  # rank 0 alone writes the final checkpoint
         try:
             # Whatever becomes of the learner, the replay's contents are kept for --resume; the
             # shards write them while the learner writes its final checkpoint.
@@ -376,29 +351,30 @@ def _drive(job: Job, reporter: Reporter, on_poll: OnPoll | None) -> Stop:
     `on_poll` and obey the controller's orders."""
     run, fleet = job.config.run, job.fleet
     next_status = time.monotonic() + run.log_every
+    replay = job.replay.poll(fleet.acknowledged_by_shard())
+    learner: dict[str, Any] = {}  # the learner's last answer
     while True:
         time.sleep(reporter.clock.tick_s())
         start, cpu = time.perf_counter(), time.thread_time()
-        # The actors' answers to the last poll's stats calls are back by now and are taken
-        # without waiting; this poll's calls are answered for the next one.
+        # Every call is answered for a later poll (`deploy.inflight`): the answers that are
+        # back are taken without waiting, and whoever answered is asked again.
         fleet.take_ready()
         fleet.ask(limit=ASKS_PER_POLL)
-        learner = job.drain_learner()
-        if learner is None:  # being restarted by Ray
-            continue
-        if learner["error"]:
-            return Stop(f"learner failed: {learner['error']}", ok=False)
-        if learner.get("first_step_at") is not None:
-            job.timeline.mark("first_learner_step", learner["first_step_at"])
-        job.version = learner["version"]
-        replay = job.poll_replay()
-        # The driver's own time for this poll: asking the actors, taking their answers, the
-        # learner's and the replay shards' calls (not the sleep between polls).
+        drained = job.take_learner()
+        replay = job.replay.take() or replay
+        job.ask()
+        # The driver's own time for this poll (not the sleep between polls).
         job.poll_ms = (time.perf_counter() - start) * 1000
         fleet.grant_steps(reporter.clock.tick_s())
+        if drained is not None:
+            if drained["error"]:
+                return Stop(f"learner failed: {drained['error']}", ok=False)
+            if drained.get("first_step_at") is not None:
+                job.timeline.mark("first_learner_step", drained["first_step_at"])
+            learner = drained
         # What the poll cost: this thread's CPU time, not the calls' latency (nor the CPU of
         # Ray's own threads while it waits, which a loaded machine inflates).
-        reporter.record(learner, replay, time.thread_time() - cpu)
+        reporter.record(drained, replay, time.thread_time() - cpu)
         if fleet.episodes.reached(run.target_return):
             return Stop(
                 f"target return {run.target_return:g} reached",

@@ -1,5 +1,7 @@
-"""The driver's side of data-parallel learners (`learner.num_learners` > 1): poll every rank,
-and re-form the whole group when one of them dies.
+"""The driver's side of the learner: `SoleLearner` polls one and counts Ray's restarts of it;
+`LearnerGroup` polls data-parallel learners (`learner.num_learners` > 1) and re-forms the whole
+group when one of them dies. Both are asked for their metrics in one poll of the driver and
+answer in a later one (`ask`, `take`: `deploy.inflight`).
 
 A collective cannot go on with a rank missing, and a rank that rejoined a group of survivors
 would have to be given their weights and optimiser state mid-run. Re-forming is simpler and as
@@ -21,9 +23,64 @@ from typing import Any
 
 import ray
 
+from deploy.inflight import InFlight
 from deploy.workers import CALL_TIMEOUT
 
 _ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)
+
+
+class SoleLearner:
+    """One learner (`handle`): its `drain()` answers, and Ray's restarts of its process.
+
+    A restarted learner has restored its newest checkpoint (`deploy.workers.learner`); here it
+    gets the replay shards (`shards`) again and starts stepping, and `on_restarted(info)` is
+    called with its `start()` answer. One that stays unreachable for `timeout_s` raises
+    RuntimeError."""
+
+    def __init__(
+        self,
+        handle: Any,
+        shards: list[Any],
+        on_restarted: Callable[[dict[str, Any]], None],
+        timeout_s: float,
+    ):
+        self.handle = handle
+        self._shards = shards
+        self._on_restarted = on_restarted
+        self._timeout_s = timeout_s
+        self._drain: InFlight[int] = InFlight("the learner's drain()", CALL_TIMEOUT)
+        self._down_since: float | None = None
+
+    def ask(self, counters: dict[str, int]) -> None:
+        """Ask for the learner's metrics since the last answer, unless asked already."""
+        self._drain.ask({0: self.handle.drain.remote(counters)})
+
+    def take(self) -> dict[str, Any] | None:
+        """The learner's `drain()` answer once it is back; None before, and while Ray restarts
+        its process."""
+        answers = self._drain.take()
+        if answers is None:
+            return None
+        out = answers[0]
+        if isinstance(out, _ACTOR_GONE):
+            now = time.monotonic()
+            if self._down_since is None:
+                self._down_since = now
+                print(f"\noffpg: learner unreachable, Ray restarts it: {out}", file=sys.stderr)
+            elif now - self._down_since > self._timeout_s:
+                raise RuntimeError(
+                    f"the learner has been unreachable for {self._timeout_s:g} s: {out}"
+                ) from out
+            return None
+        if isinstance(out, BaseException):
+            raise out
+        if not out["started"]:
+            ray.get(self.handle.attach_replay.remote(self._shards), timeout=CALL_TIMEOUT)
+            info = ray.get(self.handle.start.remote(), timeout=CALL_TIMEOUT * 5)
+            self._on_restarted(info)
+            out["version"] = info["version"]
+        self._down_since = None
+        return out
 
 
 @dataclasses.dataclass
@@ -57,6 +114,7 @@ class LearnerGroup:
         self._timeout_s = timeout_s
         self._incarnations: list[str | None] = [None] * len(handles)
         self._reform: _Reform | None = None
+        self._drains: InFlight[int] = InFlight("the learners' drain()", CALL_TIMEOUT)
         #: Each rank's `{"rank", "device", "node"}` (`offpg status`, the run summary).
         self.ranks: list[dict[str, Any]] = []
 
@@ -65,20 +123,26 @@ class LearnerGroup:
         self.ranks = where(infos)
         self._incarnations = [info["incarnation"] for info in infos]
 
-    def drain(self, counters: dict[str, int]) -> dict[str, Any] | None:
-        """Rank 0's `drain()` (the step metrics; every rank is drained); None while the group
-        is re-formed, which starts here when a rank is unreachable, was restarted by Ray or
-        left the group. An error of another kind (divergence) is returned in rank 0's answer."""
+    def ask(self, counters: dict[str, int]) -> None:
+        """Ask every rank for its metrics (`drain()`; `counters` go to rank 0), unless asked
+        already or the group is being re-formed."""
+        if self._reform is None:
+            self._drains.ask(
+                {r: h.drain.remote(counters if r == 0 else {}) for r, h in enumerate(self.handles)}
+            )
+
+    def take(self) -> dict[str, Any] | None:
+        """Rank 0's `drain()` answer once every rank has answered; None before, and while the
+        group is re-formed, which starts here when a rank is unreachable, was restarted by Ray
+        or left the group. An error of another kind (divergence) is returned in rank 0's
+        answer."""
         if self._reform is not None:
             self._advance()
             return None
-        refs = [h.drain.remote(counters if r == 0 else {}) for r, h in enumerate(self.handles)]
-        outs: list[dict[str, Any] | None] = []
-        for ref in refs:
-            try:
-                outs.append(ray.get(ref, timeout=CALL_TIMEOUT))
-            except _ACTOR_GONE:
-                outs.append(None)
+        answers = self._drains.take()
+        if answers is None:
+            return None
+        outs = [_answer(answers[r]) for r in range(len(self.handles))]
         lost = [r for r, out in enumerate(outs) if not self._in_group(r, out)]
         if lost:
             # A rank Ray has already restarted (a new process, not started) is not killed again.
@@ -162,6 +226,15 @@ class LearnerGroup:
 def where(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each rank's `{"rank", "device", "node"}` from the ranks' `start()` answers."""
     return [{key: info[key] for key in ("rank", "device", "node")} for info in infos]
+
+
+def _answer(answer: Any) -> dict[str, Any] | None:
+    """A rank's `drain()` answer; None when its process is gone or did not answer in time."""
+    if isinstance(answer, _ACTOR_GONE):
+        return None
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
 
 
 def _all_done(refs: list[Any]) -> bool:

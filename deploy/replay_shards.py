@@ -3,8 +3,10 @@ restarts counted with the fragments it lost, and their snapshots.
 
 Every shard is its own Ray actor (`deploy.topology.start_core`) that Ray restarts when its
 process dies; the restarted shard restores its own snapshot file (`replay.shards`). This module
-is how `deploy.job` sees them: `poll` returns one merged stats dict (`replay.shards.merge_stats`)
+is how `deploy.job` sees them: `take` returns one merged stats dict (`replay.shards.merge_stats`)
 for the reports, after counting, per shard, a restart (a new `incarnation`) and what it lost.
+The driver's poll asks every shard in one poll and takes the answers in a later one
+(`deploy.inflight`); `poll` asks and waits (at the start).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Protocol
 
 import ray
 
+from deploy.inflight import InFlight
 from deploy.workers import CALL_TIMEOUT
 from replay.shards import merge_stats, snapshot_path
 
@@ -35,18 +38,36 @@ class ReplayShards:
         self._faults = faults
         self._incarnations: list[str | None] = [None] * len(shards)
         self._baselines = [0] * len(shards)
+        self.stats_calls: InFlight[int] = InFlight("the replay shards' stats()", CALL_TIMEOUT)
+        self._acknowledged: list[int] = []
 
     def snapshot_paths(self) -> list[str]:
         """Each shard's snapshot file, in shard order."""
         return snapshot_paths(self._snapshot, len(self.shards))
 
+    def ask(self, acknowledged: list[int]) -> None:
+        """Ask every shard for its stats, unless asked already; `acknowledged[k]` is how many
+        fragments the actors of shard k have had acknowledged by now
+        (`Fleet.acknowledged_by_shard`), which the answers are checked against."""
+        if self.stats_calls.ask({k: shard.stats.remote() for k, shard in enumerate(self.shards)}):
+            self._acknowledged = list(acknowledged)
+
+    def take(self) -> dict[str, Any] | None:
+        """Every shard's stats, merged (`account`), once all the shards asked have answered;
+        None before. Raises what a shard's call raised."""
+        answers = self.stats_calls.take()
+        return None if answers is None else self._merge(answers)
+
     def poll(self, acknowledged: list[int]) -> dict[str, Any]:
-        """Every shard's stats (all asked at once), merged; `acknowledged[k]` is how many
-        fragments the actors of shard k have had acknowledged (`Fleet.acknowledged_by_shard`).
-        The merged dict adds `restored_fragments` (summed), `restore_errors` and `incarnations`
-        (per shard)."""
-        stats = ray.get([shard.stats.remote() for shard in self.shards], timeout=CALL_TIMEOUT)
-        return self.account(stats, acknowledged)
+        """`ask` and wait for the answers: every shard's stats, merged."""
+        self.ask(acknowledged)
+        return self._merge(self.stats_calls.wait())
+
+    def _merge(self, answers: dict[int, Any]) -> dict[str, Any]:
+        for answer in answers.values():
+            if isinstance(answer, BaseException):
+                raise answer
+        return self.account([answers[k] for k in range(len(self.shards))], self._acknowledged)
 
     def shard_stats(self) -> list[dict[str, Any]] | None:
         """Each shard's own stats (all asked at once), in shard order; None if one is gone."""

@@ -195,15 +195,16 @@ class Reporter:
             flush=True,
         )
 
-    def record(self, learner: dict[str, Any], replay: dict[str, Any], poll_s: float) -> None:
-        """Take one poll (the learner's `drain()`, the replay service's `stats()`, and what the
-        poll cost); write a point when one is due."""
+    def record(self, learner: dict[str, Any] | None, replay: dict[str, Any], poll_s: float) -> None:
+        """Take one poll (the learner's `drain()` answer if one came back, the replay
+        service's newest `stats()`, and what the poll cost); write a point when one is due."""
         job, now = self._job, time.monotonic()
-        steps = learner["steps"]
-        self._steps.extend(steps)
-        self._histogram_steps.extend(steps)
-        self._learner_samples += sum(s.samples for s in steps if not s.skipped)
-        self._device = learner.get("device_stats") or {}
+        if learner is not None:
+            steps = learner["steps"]
+            self._steps.extend(steps)
+            self._histogram_steps.extend(steps)
+            self._learner_samples += sum(s.samples for s in steps if not s.skipped)
+            self._device = learner.get("device_stats") or {}
         self._replay = replay
         fleet = job.fleet
         actors = {i: s.counters for i, s in fleet.state.items() if not s.pending}
