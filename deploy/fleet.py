@@ -108,9 +108,10 @@ class ActorCounters:
         )
 
     def __add__(self, other: ActorCounters) -> ActorCounters:
-        return ActorCounters(
-            *(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self))
-        )
+        return ActorCounters(*(getattr(self, f) + getattr(other, f) for f in _COUNTERS))
+
+
+_COUNTERS = tuple(f.name for f in dataclasses.fields(ActorCounters))
 
 
 @dataclasses.dataclass
@@ -191,7 +192,9 @@ class Fleet:
 
     @property
     def env_steps(self) -> int:
-        return self.total().env_steps
+        """`total().env_steps`, without adding up the other counters (read several times a
+        poll)."""
+        return self.retired.env_steps + sum(s.counters.env_steps for s in self.state.values())
 
     @property
     def size(self) -> int:

@@ -59,7 +59,10 @@ class ReplayShards:
         return None if answers is None else self._merge(answers)
 
     def poll(self, acknowledged: list[int]) -> dict[str, Any]:
-        """`ask` and wait for the answers: every shard's stats, merged."""
+        """Every shard's stats as of now, merged: asked afresh (once the answers to an earlier
+        `ask` are in, which are dropped) and waited for."""
+        if self.stats_calls.busy:
+            self.stats_calls.wait()
         self.ask(acknowledged)
         return self._merge(self.stats_calls.wait())
 
