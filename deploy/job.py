@@ -307,11 +307,6 @@ def train(config: JobConfig, on_poll: OnPoll | None = None, *, exiting: bool = F
     timeline = Timeline()
     timeline.mark("train_called")
     job = Job(config, timeline)
-    # The run's TensorBoard writer is torch's (`deploy.metrics`): torch is loaded now, before
-    # Ray's libraries and threads are in this process. Loaded after them, a job's driver on a
-    # cluster died with "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so".
-    import torch.utils.tensorboard  # noqa: F401
-
     owns_ray = session.start(config)
     timeline.mark("ray_started")
     started_at = time.monotonic()

@@ -261,80 +261,52 @@ def hparams(config: Any) -> dict[str, bool | float | str]:
 
 
 class MetricsWriter:
-    """Writes a run's points to TensorBoard event files in `run_dir`."""
+    """Writes a run's points to a TensorBoard event file in `run_dir` (`deploy.events`: the
+    `tensorboard` package alone, so the driver never loads torch).
+
+    `purge_step`: the env step a resumed run goes on from; TensorBoard hides what the run
+    logged before at or after it, so a resumed run never shows a step twice.
+    """
 
     def __init__(self, run_dir: str, purge_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter
+        from deploy import events
 
-        # purge_step drops events at or after it, so a resumed run never writes a step twice.
-        self._writer = SummaryWriter(run_dir, purge_step=purge_step, flush_secs=10)
+        self._events = events
+        self._writer = events.EventWriter(run_dir, purge_step=purge_step, flush_secs=10)
 
     def write_config(self, config: Any) -> None:
         """The config as text and as hparams (every key; the metrics: the mean return, whose
         target the display name says, and the env steps at which the run reached it), and the
         custom-scalars layout."""
-        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-        from torch.utils.tensorboard.summary import hparams as hparams_summaries
-
-        self._writer.add_text("config", f"```toml\n{config.to_toml()}\n```", 0)
+        events = self._events
+        self._writer.write(events.text("config", f"```toml\n{config.to_toml()}\n```"), 0)
         target = config.run.target_return
-        exp, ssi, _ = hparams_summaries(hparams(config), {EPISODE_RETURN: 0.0, SOLVED_AT: 0.0})
-        meta = exp.value[0].metadata.plugin_data
-        data = plugin_data_pb2.HParamsPluginData.FromString(meta.content)
-        names = {
+        metrics = {
             EPISODE_RETURN: "mean return"
             + (f" (target {target:g})" if target is not None else " (no target)"),
             SOLVED_AT: "env steps to the target",
         }
-        for info in data.experiment.metric_infos:
-            info.display_name = names[info.name.tag]
-            info.dataset_type = api_pb2.DATASET_TRAINING
-        meta.content = data.SerializeToString()
-        for item in (exp, ssi):
-            self._writer.file_writer.add_summary(item)
-        self._writer.add_custom_scalars(LAYOUT)
+        for summary in events.hparams_start(hparams(config), metrics):
+            self._writer.write(summary)
+        self._writer.write(events.custom_scalars(LAYOUT))
 
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """One point of scalars at env step `step`; None and non-finite values are left out.
-
-        All of them go into one event (one `Summary` of many values): `add_scalar` per tag
-        costs ~20x more driver time for a point of ~60 tags (benchmarks/monitoring.py).
-        """
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        summary = Summary(
-            value=[
-                Summary.Value(tag=tag, simple_value=float(value))
-                for tag, value in values.items()
-                if value is not None and math.isfinite(value)
-            ]
-        )
-        if summary.value:
-            self._writer.file_writer.add_summary(summary, step)
+    def scalars(self, step: int, values: Mapping[str, float | None]) -> None:
+        """One point of scalars at env step `step`, in one event; None and non-finite values are
+        left out (`benchmarks/monitoring.py` measures its cost)."""
+        summary = self._events.scalars(values)
+        if summary is not None:
+            self._writer.write(summary, step)
 
     def histograms(self, step: int, values: Mapping[str, np.ndarray]) -> None:
+        """A histogram per tag at env step `step` (an array with no finite value: none)."""
         for tag, array in values.items():
-            if array.size:
-                self._writer.add_histogram(tag, array, step)
+            summary = self._events.histogram(tag, array)
+            if summary is not None:
+                self._writer.write(summary, step)
 
     def close(self, ok: bool = True) -> None:
-        """End the hparams session (its status: success or failure) and flush."""
-        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-
-        status = api_pb2.STATUS_SUCCESS if ok else api_pb2.STATUS_FAILURE
-        end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
-        content = plugin_data_pb2.HParamsPluginData(
-            session_end_info=end, version=metadata.PLUGIN_DATA_VERSION
-        )
-        smd = SummaryMetadata(
-            plugin_data=SummaryMetadata.PluginData(
-                plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString()
-            )
-        )
-        summary = Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=smd)])
-        self._writer.file_writer.add_summary(summary)
-        self._writer.flush()
+        """End the hparams session (its status: success or failure), flush and close."""
+        self._writer.write(self._events.hparams_end(ok))
         self._writer.close()
 
 

@@ -49,22 +49,31 @@ def test_replay_store_and_controller_processes_import_no_torch(local_ray, tmp_pa
         ray.kill(handle)
 
 
-def test_the_driver_and_a_bad_config_import_no_torch():
-    """Importing the driver's modules and checking a config import no torch (the learner and
-    the actors build the network, in their own processes; `train()` loads torch only when it
-    runs, before Ray, for TensorBoard's writer), so a bad config is refused at once:
-    `offpg train --set lr=-1` answers without torch's import."""
+def test_the_driver_its_tensorboard_writer_and_a_bad_config_import_no_torch(tmp_path):
+    """Importing the driver's modules, checking a config and writing a run's TensorBoard events
+    (a point, the config's text, hparams and layout, a histogram) import no torch: the learner
+    and the actors build the network, in their own processes, and the driver's writer is the
+    `tensorboard` package alone. So a bad config is refused at once: `offpg train --set
+    lr=-1` answers without torch's import."""
     code = (
         "import sys\n"
+        "import numpy as np\n"
         "import deploy.cli, deploy.job, deploy.tune\n"
         "from deploy.config import load_config\n"
-        "load_config(None, ['learner.lr=3e-4'])\n"
+        "from deploy.metrics import MetricsWriter\n"
+        "config = load_config(None, ['learner.lr=3e-4'])\n"
+        f"writer = MetricsWriter({str(tmp_path)!r}, purge_step=10)\n"
+        "writer.write_config(config)\n"
+        "writer.scalars(10, {'episode/return_mean': 1.0})\n"
+        "writer.histograms(10, {'actors/env_steps_per_s': np.arange(4.0)})\n"
+        "writer.close()\n"
         "print(sorted(m for m in ('torch', 'ray.tune') if m in sys.modules))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert done.stdout.strip() == "[]", done.stdout
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1, "the run's event file"
     bad = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "deploy.cli", "train", "--set", "learner.lr=-1"],
         capture_output=True,

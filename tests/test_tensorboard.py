@@ -4,6 +4,7 @@ its hparams over its HTTP API."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -13,8 +14,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from torch.utils.tensorboard import SummaryWriter
 
 from deploy import metrics as tags
 from deploy.cli import _is_loopback
@@ -83,6 +89,89 @@ def test_offpg_tensorboard_serves_the_runs_tags_layout_and_hparams(tmp_path):
     finally:
         board.terminate()
         board.wait(timeout=30)
+
+
+def read_events(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    return events
+
+
+def test_the_writer_writes_what_torchs_summary_writer_writes(tmp_path):
+    """The driver's writer (the `tensorboard` package alone) against torch's `SummaryWriter`
+    as the reference: the same histogram buckets, text, layout and scalars read back."""
+    rng = np.random.default_rng(0)
+    spread = np.concatenate([rng.normal(0, 3, 500), np.zeros(7), rng.lognormal(0, 4, 100)])
+    arrays = {"h/spread": spread, "h/one": np.array([5.0]), "h/zeros": np.zeros(4)}
+    ours = tags.MetricsWriter(str(tmp_path / "ours"))
+    ours.histograms(7, {**arrays, "h/none": np.array([np.nan])})
+    ours.scalars(7, {"s/a": 1.5, "s/nan": math.nan, "s/none": None})
+    ours.close()
+    reference = SummaryWriter(str(tmp_path / "torch"))
+    for tag, values in arrays.items():
+        reference.add_histogram(tag, values, 7)
+    reference.add_scalar("s/a", 1.5, 7)
+    reference.close()
+    mine, theirs = read_events(tmp_path / "ours"), read_events(tmp_path / "torch")
+    assert sorted(mine.Tags()["histograms"]) == sorted(arrays), "no finite value: no histogram"
+    assert mine.Tags()["scalars"] == ["s/a"], "None and non-finite values are left out"
+    assert [(e.step, e.value) for e in mine.Scalars("s/a")] == [(7, 1.5)]
+    for tag in arrays:
+        (got,), (want,) = mine.Histograms(tag), theirs.Histograms(tag)
+        assert got.step == want.step == 7
+        assert got.histogram_value == want.histogram_value, tag
+
+
+def test_the_config_reads_back_as_text_hparams_and_layout(tmp_path):
+    config = load_config(None, ["learner.reward_clip=none"], extra={"run.name": "cfg"})
+    writer = tags.MetricsWriter(str(tmp_path))
+    writer.write_config(config)
+    writer.close(ok=False)
+    events = read_events(tmp_path)
+    (text,) = events.Tensors("config/text_summary")
+    assert text.tensor_proto.string_val[0].decode() == f"```toml\n{config.to_toml()}\n```"
+    assert events.SummaryMetadata("config/text_summary").plugin_data.plugin_name == "text"
+    (layout,) = events.Tensors("custom_scalars__config__")
+    categories = layout_pb2.Layout.FromString(layout.tensor_proto.string_val[0]).category
+    assert [c.title for c in categories] == list(tags.LAYOUT)
+    band = categories[1].chart[0].margin.series[0]
+    assert (band.value, band.lower, band.upper) == (
+        tags.ACTING_LAG_MEAN,
+        tags.ACTING_LAG_MEAN,
+        tags.ACTING_LAG_MAX,
+    )
+
+    def plugin_data(tag: str) -> plugin_data_pb2.HParamsPluginData:
+        content = events.SummaryMetadata(tag).plugin_data.content
+        return plugin_data_pb2.HParamsPluginData.FromString(content)
+
+    start = plugin_data("_hparams_/session_start_info").session_start_info.hparams
+    expected = tags.hparams(config)
+    assert set(start) == set(expected) and start["learner.reward_clip"].string_value == "none"
+    for key, value in expected.items():
+        assert getattr(start[key], start[key].WhichOneof("kind")) == value, key
+    experiment = plugin_data("_hparams_/experiment").experiment
+    assert [i.name for i in experiment.hparam_infos] == list(expected)
+    names = {m.name.tag: m.display_name for m in experiment.metric_infos}
+    assert names == {
+        tags.EPISODE_RETURN: "mean return (target 475)",
+        tags.SOLVED_AT: "env steps to the target",
+    }
+    end = plugin_data("_hparams_/session_end_info").session_end_info
+    assert end.status == api_pb2.STATUS_FAILURE
+
+
+def test_a_resumed_writer_hides_what_was_logged_at_or_after_its_step(tmp_path):
+    first = tags.MetricsWriter(str(tmp_path))
+    for step in range(0, 1000, 100):
+        first.scalars(step, {tags.EPISODE_RETURN: 1.0})
+    first.close()
+    resumed = tags.MetricsWriter(str(tmp_path), purge_step=500)
+    for step in (500, 600):
+        resumed.scalars(step, {tags.EPISODE_RETURN: 2.0})
+    resumed.close()
+    points = [(e.step, e.value) for e in read_events(tmp_path).Scalars(tags.EPISODE_RETURN)]
+    assert points == [(step, 1.0 if step < 500 else 2.0) for step in range(0, 700, 100)]
 
 
 def test_listening_beyond_loopback_is_told_apart():
