@@ -1,5 +1,5 @@
-"""TensorBoard event files from the `tensorboard` package alone: its protobufs, its plugins'
-metadata and its asynchronous event-file writer, with NumPy for the histograms.
+"""TensorBoard summaries from the `tensorboard` package's protobufs and its plugins' metadata,
+with NumPy for the histograms, and `EventWriter`, which writes them (`deploy.eventfile`).
 
 The driver writes a run's points with these (`deploy.metrics.MetricsWriter`), so it never
 loads torch. The events are those TensorBoard's readers expect, the ones torch's
@@ -20,14 +20,20 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.text import metadata as text_metadata
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from deploy.eventfile import FILE_VERSION, EventFile
 
 Summary = summary_pb2.Summary
 
-#: The file-version string of TensorBoard's event files.
-FILE_VERSION = "brain.Event:2"
+# The hparams plugin's names (`tensorboard.plugins.hparams.metadata`, which would import
+# TensorBoard's TensorFlow stub and with it fsspec and boto3; tests/test_tensorboard.py checks
+# that they are the same).
+HPARAMS_PLUGIN = "hparams"
+HPARAMS_VERSION = 0
+EXPERIMENT_TAG = "_hparams_/experiment"
+SESSION_START_INFO_TAG = "_hparams_/session_start_info"
+SESSION_END_INFO_TAG = "_hparams_/session_end_info"
 
 
 def _default_edges() -> np.ndarray:
@@ -44,41 +50,24 @@ HISTOGRAM_EDGES = _default_edges()
 
 
 class EventWriter:
-    """One event file in `logdir`, written by TensorBoard's own writer: `write` queues an event
-    (at most `max_queue` pending; its thread writes them, and flushes every `flush_secs`).
+    """One new event file in `logdir`; `write` adds a summary, written and flushed at once.
 
     `purge_step`: the step a resumed run goes on from; what an earlier writer of this directory
     logged at or after it is hidden by TensorBoard (and by `EventAccumulator`), so no step is
     shown twice.
     """
 
-    def __init__(
-        self,
-        logdir: str,
-        purge_step: int | None = None,
-        flush_secs: float = 10.0,
-        max_queue: int = 10,
-    ):
-        self._file = EventFileWriter(logdir, max_queue, flush_secs)
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        self._file = EventFile(logdir)
         if purge_step is not None:  # the events TensorFlow's own writers mark a restart with
-            self._add(event_pb2.Event(file_version=FILE_VERSION), purge_step)
+            self._file.add(event_pb2.Event(file_version=FILE_VERSION), purge_step)
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            self._add(event_pb2.Event(session_log=start), purge_step)
+            self._file.add(event_pb2.Event(session_log=start), purge_step)
 
     def write(self, summary: summary_pb2.Summary, step: int | None = None) -> None:
-        self._add(event_pb2.Event(summary=summary), step)
-
-    def _add(self, event: event_pb2.Event, step: int | None) -> None:
-        event.wall_time = time.time()
-        if step is not None:
-            event.step = int(step)
-        self._file.add_event(event)
-
-    def flush(self) -> None:
-        self._file.flush()
+        self._file.add(event_pb2.Event(summary=summary), step)
 
     def close(self) -> None:
-        """Write what is queued, stop the writer's thread and close the file."""
         self._file.close()
 
 
@@ -158,7 +147,11 @@ def custom_scalars(layout: Mapping[str, Mapping[str, Sequence]]) -> summary_pb2.
 
 
 def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> summary_pb2.Summary:
-    meta = hparams_metadata.create_summary_metadata(data)
+    data.version = HPARAMS_VERSION
+    plugin = summary_pb2.SummaryMetadata.PluginData(
+        plugin_name=HPARAMS_PLUGIN, content=data.SerializeToString()
+    )
+    meta = summary_pb2.SummaryMetadata(plugin_data=plugin)
     return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
 
 
@@ -191,11 +184,11 @@ def hparams_start(
     )
     return [
         _hparams_summary(
-            hparams_metadata.EXPERIMENT_TAG,
+            EXPERIMENT_TAG,
             plugin_data_pb2.HParamsPluginData(experiment=experiment),
         ),
         _hparams_summary(
-            hparams_metadata.SESSION_START_INFO_TAG,
+            SESSION_START_INFO_TAG,
             plugin_data_pb2.HParamsPluginData(session_start_info=start),
         ),
     ]
@@ -206,4 +199,4 @@ def hparams_end(ok: bool) -> summary_pb2.Summary:
     status = api_pb2.STATUS_SUCCESS if ok else api_pb2.STATUS_FAILURE
     end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
     data = plugin_data_pb2.HParamsPluginData(session_end_info=end)
-    return _hparams_summary(hparams_metadata.SESSION_END_INFO_TAG, data)
+    return _hparams_summary(SESSION_END_INFO_TAG, data)

@@ -272,7 +272,7 @@ class MetricsWriter:
         from deploy import events
 
         self._events = events
-        self._writer = events.EventWriter(run_dir, purge_step=purge_step, flush_secs=10)
+        self._writer = events.EventWriter(run_dir, purge_step=purge_step)
 
     def write_config(self, config: Any) -> None:
         """The config as text and as hparams (every key; the metrics: the mean return, whose
@@ -305,7 +305,7 @@ class MetricsWriter:
                 self._writer.write(summary, step)
 
     def close(self, ok: bool = True) -> None:
-        """End the hparams session (its status: success or failure), flush and close."""
+        """End the hparams session (its status: success or failure) and close the file."""
         self._writer.write(self._events.hparams_end(ok))
         self._writer.close()
 

@@ -53,10 +53,12 @@ def test_the_driver_its_tensorboard_writer_and_a_bad_config_import_no_torch(tmp_
     """Importing the driver's modules, checking a config and writing a run's TensorBoard events
     (a point, the config's text, hparams and layout, a histogram) import no torch: the learner
     and the actors build the network, in their own processes, and the driver's writer is the
-    `tensorboard` package alone. So a bad config is refused at once: `offpg train --set
-    lr=-1` answers without torch's import."""
+    `tensorboard` package's protobufs alone (not even its TensorFlow stub, which imports fsspec
+    and boto3). So a bad config is refused at once: `offpg train --set lr=-1` answers without
+    torch's import."""
     code = (
         "import sys\n"
+        "STUB = 'tensorboard.compat.tensorflow_stub'\n"
         "import numpy as np\n"
         "import deploy.cli, deploy.job, deploy.tune\n"
         "from deploy.config import load_config\n"
@@ -67,7 +69,7 @@ def test_the_driver_its_tensorboard_writer_and_a_bad_config_import_no_torch(tmp_
         "writer.scalars(10, {'episode/return_mean': 1.0})\n"
         "writer.histograms(10, {'actors/env_steps_per_s': np.arange(4.0)})\n"
         "writer.close()\n"
-        "print(sorted(m for m in ('torch', 'ray.tune') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'ray.tune', STUB) if m in sys.modules))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT

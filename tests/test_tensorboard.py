@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.custom_scalar import layout_pb2
-from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
+from deploy import eventfile, events
 from deploy import metrics as tags
 from deploy.cli import _is_loopback
 from deploy.config import load_config
@@ -120,6 +122,31 @@ def test_the_writer_writes_what_torchs_summary_writer_writes(tmp_path):
         (got,), (want,) = mine.Histograms(tag), theirs.Histograms(tag)
         assert got.step == want.step == 7
         assert got.histogram_value == want.histogram_value, tag
+
+
+def test_record_checksums_are_crc32c_as_tensorboards_own():
+    """The NumPy CRC-32C against TensorBoard's byte-at-a-time one (and the standard check
+    value), over lengths around the 32 bits the start flips and the table's doublings."""
+    assert eventfile.crc32c(b"123456789") == 0xE3069283
+    rng = np.random.default_rng(0)
+    for size in [*range(4, 80), 127, 128, 129, 1250, 10_540, 70_001]:
+        data = rng.bytes(size)
+        assert eventfile.masked_crc32c(data) == masked_crc32c(data), size
+    assert eventfile.masked_crc32c(bytes(64)) == masked_crc32c(bytes(64)), "all zeros"
+    with pytest.raises(ValueError, match="4 bytes or more"):
+        eventfile.crc32c(b"abc")
+
+
+def test_the_hparams_names_are_the_plugins():
+    assert (events.HPARAMS_PLUGIN, events.HPARAMS_VERSION) == (
+        metadata.PLUGIN_NAME,
+        metadata.PLUGIN_DATA_VERSION,
+    )
+    assert (
+        events.EXPERIMENT_TAG,
+        events.SESSION_START_INFO_TAG,
+        events.SESSION_END_INFO_TAG,
+    ) == (metadata.EXPERIMENT_TAG, metadata.SESSION_START_INFO_TAG, metadata.SESSION_END_INFO_TAG)
 
 
 def test_the_config_reads_back_as_text_hparams_and_layout(tmp_path):
