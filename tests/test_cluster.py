@@ -2,8 +2,11 @@
 
 The cluster is three `ray start --block` processes on 127.0.0.1 (a head with 1 CPU and two
 workers with 2 CPUs each), with token authentication on, its own temp dir and its own ports, so
-it cannot meet another Ray on this machine. The tests drive it only through the `offpg` command
-line, as a user would. Every process it starts is ended by the module's teardown: each node's
+it cannot meet another Ray on this machine. The tests drive it through the `offpg` command line,
+as a user would; only the status reads of `wait_for` (one a second, for minutes) go through one
+long-lived client that makes the call `offpg status --json` makes (`STATUS_CLIENT`), so that the
+waiting does not start a Python with Ray every second on the cluster's 2 cores. Every process it
+starts is ended by the module's teardown: each node's
 process group, then any process left that carries this cluster's temp dir or token (never
 `ray stop`, which would end every Ray on the machine).
 """
@@ -39,6 +42,19 @@ START_S = 180.0
 #: Tries to start a node: a raylet whose Python agents do not come up within Ray's fixed
 #: deadline (about 15 s) dies, and a node joining while a run keeps 2 cores busy can miss it.
 ATTEMPTS = 4
+#: The status client: one run name per line in, its status as one JSON line out (`null` when
+#: the run is not there).
+STATUS_CLIENT = """
+import json, sys
+from deploy import controller
+controller.connect(sys.argv[1])
+for run in sys.stdin:
+    try:
+        state = controller.call(run.strip(), "status")
+    except controller.RunNotFound:
+        state = None
+    print(json.dumps(state, sort_keys=True, default=str), flush=True)
+"""
 
 
 def free_port() -> int:
@@ -84,6 +100,7 @@ class LoopbackCluster:
         self.gcs = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.nodes: list[subprocess.Popen] = []
+        self._client: subprocess.Popen | None = None
 
     def _start(self, args: list[str], name: str, cpus: float) -> subprocess.Popen:
         """Start a node and wait until the cluster has `cpus` CPUs. Ray gives a raylet 30 s
@@ -178,7 +195,21 @@ class LoopbackCluster:
         return done.stdout
 
     def status(self, run: str) -> dict:
-        return json.loads(self.offpg("status", run, "--json", "--address", self.gcs))
+        """The run's status, as `offpg status --json` prints it (through `STATUS_CLIENT`)."""
+        if self._client is None or self._client.poll() is not None:
+            self._client = subprocess.Popen(
+                [sys.executable, "-c", STATUS_CLIENT, self.gcs],
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        self._client.stdin.write(run + "\n")
+        self._client.stdin.flush()
+        state = json.loads(self._client.stdout.readline() or "null")
+        assert state is not None, f"no run {run!r} on the cluster (yet)"
+        return state
 
     def node_id(self, proc: subprocess.Popen) -> str:
         """The Ray node id of the node that `proc` (its `ray start`) runs."""
@@ -203,6 +234,9 @@ class LoopbackCluster:
             proc.wait(timeout=15)
 
     def stop(self) -> None:
+        if self._client is not None:
+            self._client.kill()
+            self._client.wait(timeout=15)
         for proc in reversed(self.nodes):
             self.end_group(proc)
         # Processes that left the groups (Ray workers, the job's driver): ours carry this
