@@ -99,7 +99,7 @@ class Job:
         self.placement: dict[str, Any] = {}
         self.version = 0  # the learner's, at the last poll
         self.faults = Faults()
-        #: Milliseconds the last full poll took (actors, learner, replay shards).
+        #: Milliseconds of the driver's own work in its last poll (no call is waited for).
         self.poll_ms = 0.0
 
     @property
@@ -189,8 +189,8 @@ class Job:
             ray.kill(handle, no_restart=True)
 
     def ask(self) -> None:
-        """Ask the learner(s) for their metrics and the replay shards for their stats (answered
-        for a later poll: `take_learner`, `take_replay`)."""
+        """Ask the learner(s) for their metrics and the replay shards for their stats, unless
+        asked already; the answers are taken at a later poll (`take_learner`, `replay.take`)."""
         self.learner.ask({"env_steps": self.env_steps})
         self.replay.ask(self.fleet.acknowledged_by_shard())
 
