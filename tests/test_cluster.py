@@ -42,8 +42,13 @@ START_S = 180.0
 #: Tries to start a node: a raylet whose Python agents do not come up within Ray's fixed
 #: deadline (about 15 s) dies, and a node joining while a run keeps 2 cores busy can miss it.
 ATTEMPTS = 4
-#: The status client: one run name per line in, its status as one JSON line out (`null` when
-#: the run is not there).
+#: Niceness of the nodes started before the run (their Ray processes; the run's workers are
+#: niced further, RAY_worker_niceness). A node joining mid-run starts at 0: on a real cluster it
+#: brings its own cores, here it must start its raylet and Python agents within Ray's
+#: deadlines on the 2 cores the running cluster keeps busy (it missed them at a load of 20-29).
+NICE_FIRST_NODES = 5
+#: The status client: one run name per line in, its status as one line `STATUS <json>` out
+#: (`null` when the run is not there; Ray may print other lines).
 STATUS_CLIENT = """
 import json, sys
 from deploy import controller
@@ -53,7 +58,7 @@ for run in sys.stdin:
         state = controller.call(run.strip(), "status")
     except controller.RunNotFound:
         state = None
-    print(json.dumps(state, sort_keys=True, default=str), flush=True)
+    print("STATUS", json.dumps(state, sort_keys=True, default=str), flush=True)
 """
 
 
@@ -102,14 +107,20 @@ class LoopbackCluster:
         self.nodes: list[subprocess.Popen] = []
         self._client: subprocess.Popen | None = None
 
-    def _start(self, args: list[str], name: str, cpus: float) -> subprocess.Popen:
-        """Start a node and wait until the cluster has `cpus` CPUs. Ray gives a raylet 30 s
-        (fixed) to register; on a loaded 2-core machine that can run out, so a node whose
-        start failed is cleaned up and tried again, `ATTEMPTS` times in all."""
+    def _start(self, args: list[str], name: str, cpus: float, nice: int) -> subprocess.Popen:
+        """Start a node at niceness `nice` and wait until the cluster has `cpus` CPUs. Ray
+        gives a raylet 30 s (fixed) to register, and ~15 s to its dashboard agent; on a loaded
+        2-core machine that can run out, so a node whose start failed is cleaned up and tried
+        again, `ATTEMPTS` times in all."""
         for attempt in range(ATTEMPTS):
             log = open(Path(self.temp_dir) / f"{name}-{attempt}.log", "wb")  # noqa: SIM115
             proc = subprocess.Popen(
-                ["ray", "start", "--block", "--node-ip-address=127.0.0.1", *args, *node_ports()],
+                [
+                    *("nice", "-n", str(nice)),
+                    *("ray", "start", "--block", "--node-ip-address=127.0.0.1"),
+                    *args,
+                    *node_ports(),
+                ],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -139,9 +150,10 @@ class LoopbackCluster:
             ],
             "head",
             1,
+            NICE_FIRST_NODES,
         )
 
-    def add_worker(self, cpus: int) -> subprocess.Popen:
+    def add_worker(self, cpus: int, nice: int = 0) -> subprocess.Popen:
         return self._start(
             [
                 f"--address={self.gcs}",
@@ -151,6 +163,7 @@ class LoopbackCluster:
             ],
             f"worker{len(self.nodes)}",
             self.total_cpus() + cpus,
+            nice,
         )
 
     def api(self, path: str) -> dict:
@@ -207,7 +220,9 @@ class LoopbackCluster:
             )
         self._client.stdin.write(run + "\n")
         self._client.stdin.flush()
-        state = json.loads(self._client.stdout.readline() or "null")
+        while (line := self._client.stdout.readline()) and not line.startswith("STATUS "):
+            pass
+        state = json.loads(line.removeprefix("STATUS ") or "null")
         assert state is not None, f"no run {run!r} on the cluster (yet)"
         return state
 
@@ -275,8 +290,8 @@ def cluster() -> Iterator[LoopbackCluster]:
     rc = LoopbackCluster()
     try:
         rc.start_head()
-        rc.add_worker(2)
-        rc.add_worker(2)
+        rc.add_worker(2, nice=NICE_FIRST_NODES)
+        rc.add_worker(2, nice=NICE_FIRST_NODES)
         yield rc
     finally:
         rc.stop()
