@@ -440,8 +440,17 @@ def test_launch_scale_2_4_1_beyond_the_cluster_lose_a_node_and_stop(cluster, tmp
                 and (s["actors"]["running"], s["actors"]["pending"]) == (4, 1)
             ),
         )
-        later = wait_for(rc, run, "making progress", lambda s: s["env_steps"] > after["env_steps"])
-        assert later["learner"]["version"] > after["learner"]["version"]
+        # Training goes on: the actors step and the learner learns from what they send (the
+        # learner waits for the restarted actors' first fragments, so it may move later).
+        wait_for(
+            rc,
+            run,
+            "making progress",
+            lambda s: (
+                s["env_steps"] > after["env_steps"]
+                and s["learner"]["version"] > after["learner"]["version"]
+            ),
+        )
 
         out = stop_run(rc, run, job_id)
         checkpoint = out.rsplit("final checkpoint ", 1)[1].strip()
