@@ -29,9 +29,12 @@ from deploy.fleet import ActorCounters
 POINTS_PER_BUDGET = 2000
 #: Longest wall time between two points while env steps move.
 POINT_MAX_S = 1.0
-#: Shortest and longest interval between the driver's polls. A poll costs each actor one
-#: `stats()` call (its CPU: benchmarks/README.md, monitoring.py), so MIN_TICK_S bounds that too.
-MIN_TICK_S, MAX_TICK_S = 0.05, 0.25
+#: Shortest and longest interval between the driver's polls. A poll costs each actor it asks
+#: one `stats()` call (its CPU: benchmarks/README.md, monitoring.py), so MIN_TICK_S bounds that
+#: too; a run whose points come by the clock (a long budget) is polled once a point, so its
+#: polls cost what its points need and no more (benchmarks/README.md, fleet.py: what the polls
+#: cost a 256-actor fleet).
+MIN_TICK_S, MAX_TICK_S = 0.05, POINT_MAX_S
 #: The driver's polls take at most 1/POLL_COST_RATIO of its time.
 POLL_COST_RATIO = 10.0
 #: Seconds of polls rates and per-fragment times are averaged over.
