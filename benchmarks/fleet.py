@@ -173,7 +173,7 @@ def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
     most `ASKS_PER_POLL` actors (those asked longest ago), the learner's `drain()` and the
     replay shards' `stats()`; the poll's time is the driver's own work (as `driver/poll_ms`),
     not its sleeps.
-    (`deploy.job` spaces its polls by `deploy.points.PointClock.tick_s`, 0.05-0.25 s and at
+    (`deploy.job` spaces its polls by `deploy.points.PointClock.tick_s`, 0.05-1 s and at
     least 10x a poll's CPU; a fixed interval here keeps the points comparable.)"""
     topo, shards = point["topo"], point["shards"]
     drains: InFlight[int] = InFlight("the learner's drain()", CONTROL_TIMEOUT_S)
@@ -194,7 +194,7 @@ def drive(fleet: Fleet, point: dict, seconds: float, poll_every: float) -> dict:
             stats, timeouts = None, timeouts + 1
         if isinstance(drained, BaseException):
             drained, timeouts = None, timeouts + 1
-        drains.ask({0: topo.learner.drain.remote({"env_steps": fleet.env_steps})})
+        drains.ask(lambda: {0: topo.learner.drain.remote({"env_steps": fleet.env_steps})})
         shards.ask(fleet.acknowledged_by_shard())
         poll_s, poll_cpu_s = time.perf_counter() - started, time.thread_time() - cpu
         now = time.monotonic() - t0

@@ -13,7 +13,7 @@ tick after they were asked, which the rates (over the elapsed time, `deploy.poin
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Generic, TypeVar
 
 import ray
@@ -45,9 +45,14 @@ class InFlight(Generic[K]):
         """Whether calls are in flight (`ask` would do nothing)."""
         return bool(self._calls)
 
-    def ask(self, calls: Mapping[K, Any]) -> bool:
-        """Put `calls` in flight unless some are already; whether they were."""
-        if self._calls or not calls:
+    def ask(self, make_calls: Callable[[], Mapping[K, Any]]) -> bool:
+        """Make the calls (`make_calls()`: key -> ref) and put them in flight, unless some are
+        in flight already: then nothing is called (a call made and dropped would still run, and
+        a `drain()` would lose what it answered); whether they were made."""
+        if self._calls:
+            return False
+        calls = make_calls()
+        if not calls:
             return False
         self._calls, self._answers = dict(calls), {}
         self._asked_at = time.monotonic()

@@ -53,7 +53,7 @@ class SoleLearner:
 
     def ask(self, counters: dict[str, int]) -> None:
         """Ask for the learner's metrics since the last answer, unless asked already."""
-        self._drain.ask({0: self.handle.drain.remote(counters)})
+        self._drain.ask(lambda: {0: self.handle.drain.remote(counters)})
 
     def take(self) -> dict[str, Any] | None:
         """The learner's `drain()` answer once it is back; None before, and while Ray restarts
@@ -61,19 +61,17 @@ class SoleLearner:
         answers = self._drain.take()
         if answers is None:
             return None
-        out = answers[0]
-        if isinstance(out, _ACTOR_GONE):
-            now = time.monotonic()
+        out = _answer(answers[0])
+        if out is None:
+            gone, now = answers[0], time.monotonic()
             if self._down_since is None:
                 self._down_since = now
-                print(f"\noffpg: learner unreachable, Ray restarts it: {out}", file=sys.stderr)
+                print(f"\noffpg: learner unreachable, Ray restarts it: {gone}", file=sys.stderr)
             elif now - self._down_since > self._timeout_s:
                 raise RuntimeError(
-                    f"the learner has been unreachable for {self._timeout_s:g} s: {out}"
-                ) from out
+                    f"the learner has been unreachable for {self._timeout_s:g} s: {gone}"
+                ) from gone
             return None
-        if isinstance(out, BaseException):
-            raise out
         if not out["started"]:
             ray.get(self.handle.attach_replay.remote(self._shards), timeout=CALL_TIMEOUT)
             info = ray.get(self.handle.start.remote(), timeout=CALL_TIMEOUT * 5)
@@ -128,7 +126,10 @@ class LearnerGroup:
         already or the group is being re-formed."""
         if self._reform is None:
             self._drains.ask(
-                {r: h.drain.remote(counters if r == 0 else {}) for r, h in enumerate(self.handles)}
+                lambda: {
+                    r: h.drain.remote(counters if r == 0 else {})
+                    for r, h in enumerate(self.handles)
+                }
             )
 
     def take(self) -> dict[str, Any] | None:
@@ -229,7 +230,8 @@ def where(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _answer(answer: Any) -> dict[str, Any] | None:
-    """A rank's `drain()` answer; None when its process is gone or did not answer in time."""
+    """A learner's `drain()` answer; None when its process is gone or did not answer in time;
+    any other error is raised."""
     if isinstance(answer, _ACTOR_GONE):
         return None
     if isinstance(answer, BaseException):

@@ -49,7 +49,7 @@ class ReplayShards:
         """Ask every shard for its stats, unless asked already; `acknowledged[k]` is how many
         fragments the actors of shard k have had acknowledged by now
         (`Fleet.acknowledged_by_shard`), which the answers are checked against."""
-        if self.stats_calls.ask({k: shard.stats.remote() for k, shard in enumerate(self.shards)}):
+        if self.stats_calls.ask(lambda: {k: s.stats.remote() for k, s in enumerate(self.shards)}):
             self._acknowledged = list(acknowledged)
 
     def take(self) -> dict[str, Any] | None:

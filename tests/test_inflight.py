@@ -44,24 +44,26 @@ def callee(local_ray):
 def test_a_call_not_back_is_left_in_flight_and_taken_once_back(callee):
     calls: InFlight[str] = InFlight("the test's calls", timeout_s=60.0)
     assert calls.take() is None  # nothing asked yet
-    assert calls.ask({"slow": callee.call.remote(1), "fast": callee.call.remote(2, wait=False)})
+    assert calls.ask(lambda: {"slow": callee.call.remote(1), "fast": callee.call.remote(2, False)})
     ray.get(callee.call.remote(0, wait=False))  # the fast call is back by now
     for _ in range(3):
         assert calls.take() is None  # the slow one is not: nothing is given, nothing waited for
     assert calls.busy
-    assert not calls.ask({"other": callee.call.remote(3, wait=False)})  # one set at a time
+    made = []
+    assert not calls.ask(lambda: made.append(1) or {"other": callee.call.remote(3, False)})
+    assert made == [], "one set at a time: no call is even made while one is in flight"
     callee.release.remote()
     answers = calls.wait()
     assert answers == {"slow": 1, "fast": 2}
     assert not calls.busy and calls.take() is None  # each answer is given once
-    assert calls.ask({"next": callee.call.remote(4)})  # and the next set can go
+    assert calls.ask(lambda: {"next": callee.call.remote(4)})  # and the next set can go
     assert calls.wait() == {"next": 4}
 
 
 def test_an_error_is_an_answer_and_a_call_past_its_timeout_is_given_up(callee):
     calls: InFlight[str] = InFlight("the test's calls", timeout_s=0.3)
     bad = callee.fail.remote()
-    calls.ask({"bad": bad, "never": callee.call.remote(5)})
+    calls.ask(lambda: {"bad": bad, "never": callee.call.remote(5)})
     ray.wait([bad])
     answers = calls.wait()  # returns once the timeout has passed, although "never" is not back
     assert isinstance(answers["bad"], ray.exceptions.RayTaskError)
