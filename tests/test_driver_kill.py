@@ -57,6 +57,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
+#: What Ray 2.60 names the processes of an embedded Ray that outlive a SIGKILLed driver.
+SURVIVORS = ("DashboardAgent", "dashboard/agent.py", "RuntimeEnvAgent", "runtime_env/agent")
+
+
+def _outlives_its_driver(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return any(name in command for name in SURVIVORS)
+
+
 def _train_args(tmp_path: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -109,10 +122,13 @@ def test_sigkilled_driver_resumes_from_checkpoint_and_snapshot(tmp_path):
         first.wait(10)
         # Most of Ray's processes share the driver's fate (raylet and GCS watch their parent) and
         # are gone within ~5 s; Ray 2.60's DashboardAgent and RuntimeEnvAgent outlive a SIGKILLed
-        # driver. Stop whatever is left so nothing leaks into the rest of the suite.
+        # driver. Once the others are gone (or after 10 s), stop whatever is left, so nothing
+        # leaks into the rest of the suite.
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(p) for p in ray_processes):
-            time.sleep(0.5)
+        while time.monotonic() < deadline and any(
+            _alive(p) and not _outlives_its_driver(p) for p in ray_processes
+        ):
+            time.sleep(0.2)
         leftovers = {p for p in ray_processes if _alive(p)}
     finally:
         if first.poll() is None:

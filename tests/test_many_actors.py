@@ -1,11 +1,14 @@
-"""32 real rollout actors on the embedded Ray, feeding two replay shards whose rate limiter
+"""16 real rollout actors on the embedded Ray, feeding two replay shards whose rate limiter
 holds them back: the learner keeps stepping and every fragment is accounted for.
 
-Worth its 32 Ray worker processes (the most expensive test setup in the suite): with
-`run.actor_max_inflight` 2 each actor has up to 3 inserts in flight, 48 per shard, three times
-the 16 threads of a shard's insert pool. Before issue 11 the replay actor had one pool for
-every call, and this many held-back inserts left the learner's sample and the driver's stats
-no thread: the 60 s call timeouts failed the run. Nothing smaller reproduces that path: the
+Worth its 16 Ray worker processes (the most expensive test setup in the suite; each imports
+torch, and starting them is nearly all of the test's time): with `run.actor_max_inflight` 5
+each actor has up to 6 inserts in flight, 48 per shard (8 actors each), three times the 16
+threads of a shard's insert pool. Before issue 11 the replay actor had one pool for every call,
+and this many held-back inserts left the learner's sample and the driver's stats no thread: the
+60 s call timeouts failed the run. What is tested is the number of inserts held back at once per
+shard, not the number of processes sending them: 32 actors with 3 in flight each put the same
+48 on a shard and took twice as long to start. Nothing smaller reproduces that path: the
 backpressure test (tests/test_backpressure.py) does it for one replay actor, this one for the
 whole job (sinks resending held-back inserts, the learner sampling two shards, the driver's
 one-wait polls and the all-at-once stop that flushes every actor).
@@ -16,19 +19,21 @@ from __future__ import annotations
 from deploy.config import load_config
 from deploy.job import Job, train
 
-ACTORS = 32
+ACTORS = 16
+#: Inserts in flight per actor beyond the one it waits on: (5 + 1) x 8 actors = 48 per shard.
+MAX_INFLIGHT = 5
 #: Learner steps the run goes to (each samples 4 fragments; at 8 samples per insert the
 #: learner can take about as many steps as the actors insert fragments times 2).
 LEARNER_STEPS = 60
 
 
-def test_32_actors_two_shards_rate_limited_nothing_stalls_nothing_lost(local_ray, tmp_path):
+def test_16_actors_two_shards_rate_limited_nothing_stalls_nothing_lost(local_ray, tmp_path):
     config = load_config(
         None,  # the CartPole recipe: 8 samples per insert, tolerance 64, 32 fragments held
         [
             f"run.num_actors={ACTORS}",
             "run.actor_cpus=0.05",
-            "run.actor_max_inflight=2",
+            f"run.actor_max_inflight={MAX_INFLIGHT}",
             "run.log_every=1.0",
             "run.target_return=none",
             "run.max_env_steps=100000000",  # not the stop rule: the learner's steps are
