@@ -42,11 +42,18 @@ START_S = 180.0
 #: Tries to start a node: a raylet whose Python agents do not come up within Ray's fixed
 #: deadline (about 15 s) dies, and a node joining while a run keeps 2 cores busy can miss it.
 ATTEMPTS = 4
-#: Niceness of the nodes started before the run (their Ray processes; the run's workers are
-#: niced further, RAY_worker_niceness). A node joining mid-run starts at 0: on a real cluster it
-#: brings its own cores, here it must start its raylet and Python agents within Ray's
-#: deadlines on the 2 cores the running cluster keeps busy (it missed them at a load of 20-29).
-NICE_FIRST_NODES = 5
+#: The scheduler priority (autogroup niceness) of a node that joins mid-run. Each node is
+#: started in its own session, and Linux (with autogroup scheduling, the default) shares the CPU
+#: between sessions before it looks at niceness: a node's raylet, its two Python agents and its
+#: workers share one session's share, whatever their niceness. On a real cluster a joining node
+#: brings its own cores; here it must start its Python agents within Ray's fixed ~15 s on the
+#: 2 cores the running cluster keeps busy, and at an equal share it did not (its agents waited
+#: for a CPU 90% of the time). Raising a priority needs CAP_SYS_NICE (root); without it the
+#: node starts at an equal share.
+JOINING_PRIORITY = -10
+#: The priority of the test's own clients (`offpg` commands and `STATUS_CLIENT`): each starts
+#: Python and Ray's client, which took 5-16 s at an equal share of a cluster this busy.
+CLIENT_PRIORITY = -5
 #: The status client: one run name per line in, its status as one line `STATUS <json>` out
 #: (`null` when the run is not there; Ray may print other lines).
 STATUS_CLIENT = """
@@ -93,10 +100,10 @@ class LoopbackCluster:
             RAY_AUTH_TOKEN=self.token,
             RAY_USAGE_STATS_ENABLED="0",
             PYTHONPATH=str(REPO),
-            # The run's worker processes (learner, actors) yield the CPU to the nodes' own
-            # processes: a node joining a busy 2-core cluster must start its raylet and its two
-            # Python agents within Ray's registration deadlines, which the run's load made it
-            # miss. How long a raylet waits for its agents is raised for the same reason.
+            # Within a node's session, the run's worker processes (learner, actors) yield the
+            # CPU to the node's own processes (raylet, agents, and the GCS and dashboard on the
+            # head). How long a raylet waits for its agents to register is raised for a loaded
+            # machine (the ~15 s it waits for their ports is fixed).
             RAY_worker_niceness="10",
             RAY_agent_register_timeout_ms="120000",
         )
@@ -107,35 +114,50 @@ class LoopbackCluster:
         self.nodes: list[subprocess.Popen] = []
         self._client: subprocess.Popen | None = None
 
-    def _start(self, args: list[str], name: str, cpus: float, nice: int) -> subprocess.Popen:
-        """Start a node at niceness `nice` and wait until the cluster has `cpus` CPUs. Ray
-        gives a raylet 30 s (fixed) to register, and ~15 s to its dashboard agent; on a loaded
-        2-core machine that can run out, so a node whose start failed is cleaned up and tried
-        again, `ATTEMPTS` times in all."""
-        for attempt in range(ATTEMPTS):
-            log = open(Path(self.temp_dir) / f"{name}-{attempt}.log", "wb")  # noqa: SIM115
-            proc = subprocess.Popen(
-                [
-                    *("nice", "-n", str(nice)),
-                    *("ray", "start", "--block", "--node-ip-address=127.0.0.1"),
-                    *args,
-                    *node_ports(),
-                ],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            log.close()
-            self.nodes.append(proc)
-            if self.wait_cpus(cpus, proc):
-                return proc
-            self.end_group(proc)
-            self.nodes.remove(proc)
-        raise AssertionError(f"Ray node {name} did not start; see {self.temp_dir}/{name}-*.log")
+    def _popen(self, args: list[str], name: str, attempt: int, priority: int) -> subprocess.Popen:
+        log = open(Path(self.temp_dir) / f"{name}-{attempt}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [
+                *("ray", "start", "--block", "--node-ip-address=127.0.0.1"),
+                *args,
+                *node_ports(),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.nodes.append(proc)
+        prioritise(proc, priority)
+        return proc
 
-    def start_head(self) -> None:
-        self._start(
+    def _start(self, nodes: list[tuple[list[str], str, float]], priority: int = 0) -> list:
+        """Start nodes (`ray start` arguments, name, CPUs) together, each in its own session at
+        scheduler priority `priority` (`JOINING_PRIORITY`), and wait
+        until the cluster has all their CPUs. Ray gives a raylet 30 s (fixed) to register, and
+        ~15 s to its dashboard agent; on a loaded 2-core machine that can run out, so a node
+        whose start failed is cleaned up and tried again, `ATTEMPTS` times in all."""
+        cpus = self.total_cpus() + sum(c for _, _, c in nodes)
+        procs = [self._popen(args, name, 0, priority) for args, name, _ in nodes]
+        tries = [1] * len(nodes)
+        while not self.wait_cpus(cpus, procs):
+            for i, proc in enumerate(procs):
+                if proc.poll() is None:
+                    continue
+                self.end_group(proc)
+                self.nodes.remove(proc)
+                args, name, _ = nodes[i]
+                if tries[i] == ATTEMPTS:
+                    raise AssertionError(
+                        f"Ray node {name} did not start; see {self.temp_dir}/{name}-*.log"
+                    )
+                procs[i] = self._popen(args, name, tries[i], priority)
+                tries[i] += 1
+        return procs
+
+    def _head_args(self) -> tuple[list[str], str, float]:
+        return (
             [
                 "--head",
                 f"--port={self.gcs_port}",
@@ -150,20 +172,30 @@ class LoopbackCluster:
             ],
             "head",
             1,
-            NICE_FIRST_NODES,
         )
 
-    def add_worker(self, cpus: int, nice: int = 0) -> subprocess.Popen:
+    def start_head(self) -> None:
+        self._start([self._head_args()])
+
+    def add_workers(self, cpus: list[int], priority: int = 0) -> list[subprocess.Popen]:
+        """Start a node with `cpus[i]` CPUs for each i, together, and wait until all have
+        joined."""
+        first = len(self.nodes)
         return self._start(
             [
-                f"--address={self.gcs}",
-                f"--num-cpus={cpus}",
-                "--object-store-memory=150000000",
-                "--disable-usage-stats",
+                (
+                    [
+                        f"--address={self.gcs}",
+                        f"--num-cpus={n}",
+                        "--object-store-memory=150000000",
+                        "--disable-usage-stats",
+                    ],
+                    f"worker{first + i}",
+                    n,
+                )
+                for i, n in enumerate(cpus)
             ],
-            f"worker{len(self.nodes)}",
-            self.total_cpus() + cpus,
-            nice,
+            priority,
         )
 
     def api(self, path: str) -> dict:
@@ -184,25 +216,35 @@ class LoopbackCluster:
             if n["raylet"].get("state") == "ALIVE"
         )
 
-    def wait_cpus(self, cpus: float, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
-        """Wait for the cluster to have `cpus` CPUs; False when `proc` (the node) exited."""
+    def wait_cpus(self, cpus: float, procs: list, timeout: float = 120.0) -> bool:
+        """Wait for the cluster to have `cpus` CPUs; False when one of `procs` (nodes) exited."""
         deadline = time.monotonic() + timeout
         while self.total_cpus() < cpus:
-            if proc.poll() is not None:
+            if any(proc.poll() is not None for proc in procs):
                 return False
             assert time.monotonic() < deadline, f"the cluster never reached {cpus} CPUs"
             time.sleep(0.5)
         return True
 
     def offpg(self, *args: str, timeout: float = 120.0, check: bool = True) -> str:
-        done = subprocess.run(
+        began = time.monotonic()
+        with subprocess.Popen(
             [*CLI, *args],
             env=self.env,
             cwd=REPO,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
-        )
+            start_new_session=True,
+        ) as proc:
+            prioritise(proc, CLIENT_PRIORITY)
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        print(f"offpg {args[0]}: {time.monotonic() - began:.1f} s")
         if check:
             assert done.returncode == 0, f"offpg {' '.join(args)}: {done.stderr[-3000:]}"
         return done.stdout
@@ -217,7 +259,9 @@ class LoopbackCluster:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
+                start_new_session=True,
             )
+            prioritise(self._client, CLIENT_PRIORITY)
         self._client.stdin.write(run + "\n")
         self._client.stdin.flush()
         while (line := self._client.stdout.readline()) and not line.startswith("STATUS "):
@@ -252,8 +296,12 @@ class LoopbackCluster:
         if self._client is not None:
             self._client.kill()
             self._client.wait(timeout=15)
+        # Killed, not drained: a node asked to stop drains its work for up to 30 s first.
         for proc in reversed(self.nodes):
-            self.end_group(proc)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self.nodes:
+            proc.wait(timeout=15)
         # Processes that left the groups (Ray workers, the job's driver): ours carry this
         # cluster's temp dir on their command line or its token in their environment.
         ours = [pid for pid in _pids() if self._is_ours(pid)]
@@ -277,6 +325,15 @@ class LoopbackCluster:
         )
 
 
+def prioritise(proc: subprocess.Popen, priority: int) -> None:
+    """Give the session that `proc` leads (started with `start_new_session`) the scheduler
+    priority `priority`; where that is not allowed it keeps an equal share."""
+    if priority:
+        # Set before `proc` has started others (`ray start` its raylet): they share the session.
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{proc.pid}/autogroup").write_text(str(priority))
+
+
 def _pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
@@ -290,8 +347,7 @@ def cluster() -> Iterator[LoopbackCluster]:
     rc = LoopbackCluster()
     try:
         rc.start_head()
-        rc.add_worker(2, nice=NICE_FIRST_NODES)
-        rc.add_worker(2, nice=NICE_FIRST_NODES)
+        rc.add_workers([2, 2])
         yield rc
     finally:
         rc.stop()
@@ -331,6 +387,7 @@ def wait_for(rc: LoopbackCluster, run: str, what: str, ok, timeout: float = STAR
             time.sleep(1.0)
             continue
         if ok(last):
+            print(f"{run}: {what} after {time.monotonic() - deadline + timeout:.1f} s")
             return last
         time.sleep(1.0)
     raise AssertionError(f"{run}: never {what}; last status {json.dumps(last)[:2000]}")
@@ -417,7 +474,7 @@ def test_launch_scale_2_4_1_beyond_the_cluster_lose_a_node_and_stop(cluster, tmp
         still = rc.status(run)
         assert still["actors"]["pending"] == 1 and still["actors"]["restarted"] == 0
         assert still["env_steps"] > waiting["env_steps"]
-        extra = rc.add_worker(2)
+        (extra,) = rc.add_workers([2], priority=JOINING_PRIORITY)
         joined = wait_for(rc, run, "5 actors running after the node joined", running(5))
         assert joined["actors"]["restarted"] == 0
 
