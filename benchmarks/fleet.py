@@ -55,7 +55,7 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.fleet_host import LogicalFleet, LogicalHandle
-from benchmarks.loopback import LoopbackCluster
+from benchmarks.loopback import LoopbackCluster, session_priority
 from deploy import topology
 from deploy.config import JobConfig, RunConfig, load_config
 from deploy.fleet import ActorState, Fleet
@@ -442,6 +442,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--nodes", type=int, default=1, help="worker nodes for the hosts")
     parser.add_argument("--hosts", type=int, default=2, help="processes hosting the actors")
+    parser.add_argument(
+        "--driver-priority",
+        type=int,
+        default=0,
+        help="scheduler priority (autogroup niceness, -20..19) of this process's session: "
+        "negative models a driver with a core of its own (needs root)",
+    )
     parser.add_argument("--set", action="append", default=[], help="section.key=value")
     parser.add_argument("--name", default="", help="results/NAME.{md,json,png} (default fleet)")
     args = parser.parse_args(argv)
@@ -457,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     path, overrides = OBS[args.obs]
     config = load_config(path, [*overrides, *args.set])
     per_node = 150_000_000 if args.obs == "cartpole" else 1_500_000_000
+    if args.driver_priority:
+        print(f"fleet: the driver's session at {session_priority(args.driver_priority)}")
     cluster = LoopbackCluster(object_store_bytes=per_node)
     results: list[dict] = []
     try:
@@ -520,7 +529,9 @@ def write(results: list[dict], args: argparse.Namespace) -> None:
     name = args.name or ("fleet_quick" if args.quick else "fleet")
     header = (
         f"# benchmarks/fleet.py{' --quick' if args.quick else ''} --obs {args.obs} "
-        f"--poll-every {args.poll_every:g}\n\n"
+        f"--poll-every {args.poll_every:g}"
+        + (f" --driver-priority {args.driver_priority}" if args.driver_priority else "")
+        + "\n\n"
         f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores; head + {args.nodes} "
         f"worker node(s) on loopback, {args.hosts} host processes; load average (1 min) before "
         "each point: "
