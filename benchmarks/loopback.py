@@ -241,15 +241,17 @@ def _start_priority() -> None:
             continue
 
 
-def session_priority(priority: int) -> str:
-    """Put this process in a session of its own (unless it leads one) and give that session the
-    scheduler priority `priority`; returns the kernel's account of it. Linux's autogroup
-    scheduling (the default) shares the CPU between sessions before it looks at niceness, and
-    each node of this cluster runs in its own session: a process's niceness does not move it
-    ahead of the nodes' processes, its session's priority does (raising it needs root)."""
-    with contextlib.suppress(OSError):  # already a process group leader
-        os.setsid()
-    group = Path("/proc/self/autogroup")
+def session_priority(priority: int, pid: int | None = None) -> str:
+    """Give the session that process `pid` leads (by default: this process, put in a session of
+    its own unless it leads one) the scheduler priority `priority`; returns the kernel's account
+    of it. Linux's autogroup scheduling (the default) shares the CPU between sessions before it
+    looks at niceness, and each node of a loopback cluster runs in its own session: a process's
+    niceness does not move it ahead of the nodes' processes, its session's priority does.
+    Raising it needs root; elsewhere the session keeps an equal share."""
+    if pid is None:
+        with contextlib.suppress(OSError):  # already a process group leader
+            os.setsid()
+    group = Path(f"/proc/{pid or 'self'}/autogroup")
     try:
         group.write_text(str(priority))
         return group.read_text().strip()

@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from benchmarks.loopback import session_priority
+
 if not Path("/proc/self/environ").exists():
     pytest.skip("the teardown finds leftover processes through /proc", allow_module_level=True)
 
@@ -327,11 +329,10 @@ class LoopbackCluster:
 
 def prioritise(proc: subprocess.Popen, priority: int) -> None:
     """Give the session that `proc` leads (started with `start_new_session`) the scheduler
-    priority `priority`; where that is not allowed it keeps an equal share."""
+    priority `priority` (`benchmarks.loopback.session_priority`), before it has started others
+    (`ray start` its raylet) that would share it."""
     if priority:
-        # Set before `proc` has started others (`ray start` its raylet): they share the session.
-        with contextlib.suppress(OSError):
-            Path(f"/proc/{proc.pid}/autogroup").write_text(str(priority))
+        session_priority(priority, proc.pid)
 
 
 def _pids() -> list[int]:
