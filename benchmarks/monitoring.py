@@ -3,13 +3,14 @@
     python benchmarks/monitoring.py [--actors 1 8 32] [--polls 200]
 
 A point (`deploy.report.Reporter.write_point`) writes every scalar a run logs; here a
-`MetricsWriter` writes that many tags per point into a temporary directory. A poll
-(`deploy.fleet.Fleet.poll`) sends one `stats()` call to every actor and gathers the answers
-with one `ray.wait`; here each actor is a Ray actor answering a stats dict like a rollout
-actor's (counters plus a few finished episodes), with no env stepping behind it, so the numbers
-are the control plane's alone: the driver's CPU time per poll (what `deploy.points` bounds to a
-tenth of a CPU) and its wall time, and each actor's CPU time per `stats()` call. Prints
-Markdown.
+`MetricsWriter` writes that many tags per point into a temporary directory. A poll here sends
+one `stats()` call to each of N actors and waits for all the answers with one `ray.wait` (a
+run's poll asks at most `deploy.job.ASKS_PER_POLL` actors and takes the answers of earlier
+polls without waiting); each actor is a Ray actor answering a stats dict like a rollout actor's
+(counters plus a few finished episodes), with no env stepping behind it, so the numbers are the
+control plane's alone: the driver's CPU time per poll (what `deploy.points` bounds to a tenth
+of a CPU) and its wall time, and each actor's CPU time per `stats()` call, Ray's own threads in
+its process included. Prints Markdown.
 """
 
 from __future__ import annotations

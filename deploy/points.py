@@ -11,7 +11,11 @@ not the latency of the calls): a large fleet is polled less often.
 Rates and per-fragment times are taken over a sliding window of the polls of the last
 `RATE_WINDOW_S` seconds (`Window`), divided by the time that actually elapsed between the
 window's first and last poll: a poll every 20 ms sees an actor finish zero or one fragment, and
-a rate over one such poll says more about the poll than about the actor.
+a rate over one such poll says more about the poll than about the actor. The learner's samples
+per second is taken over a window that also spans its last `SLOW_RATE_MOVES` steps (up to
+`SLOW_RATE_MAX_S`): a learner that steps every few seconds (an Atari CNN on a CPU) would
+otherwise show 0 in most points and a multiple of its rate in the others; a steady one now reads
+between 2/3 of its rate and its rate, and one that stops falls to 0 within `SLOW_RATE_MAX_S`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ MIN_TICK_S, MAX_TICK_S = 0.05, POINT_MAX_S
 POLL_COST_RATIO = 10.0
 #: Seconds of polls rates and per-fragment times are averaged over.
 RATE_WINDOW_S = 1.0
+#: The learner's rate spans at least this many moves of its counter (from the poll that saw the
+#: first of them), over at most `SLOW_RATE_MAX_S` seconds of polls.
+SLOW_RATE_MOVES = 3
+SLOW_RATE_MAX_S = 30.0
 #: Cumulative replay counters written as rates too: `stats()` key -> tag.
 REPLAY_RATES = {
     "inserted": tags.REPLAY_INSERTED_PER_S,
@@ -101,31 +109,51 @@ class Sample:
 
 
 class Window:
-    """The polls of the last `RATE_WINDOW_S` seconds; rates over them (see the module doc)."""
+    """The polls of the last `slowest` seconds; rates over the last `seconds` of them (see the
+    module doc)."""
 
-    def __init__(self, seconds: float = RATE_WINDOW_S):
-        self._seconds = seconds
+    def __init__(self, seconds: float = RATE_WINDOW_S, slowest: float = SLOW_RATE_MAX_S):
+        self._seconds, self._slowest = seconds, max(seconds, slowest)
         self._samples: collections.deque[Sample] = collections.deque()
 
     def add(self, sample: Sample) -> None:
         self._samples.append(sample)
-        while len(self._samples) > 2 and sample.at - self._samples[1].at >= self._seconds:
+        while len(self._samples) > 2 and sample.at - self._samples[1].at >= self._slowest:
             self._samples.popleft()
+
+    def _start(self, moves_of: str | None = None) -> Sample:
+        """The poll a rate starts from: the newest at least `seconds` before the last one; for
+        the counter `moves_of` (a `Sample` field), also no later than the poll that saw the
+        `SLOW_RATE_MOVES`-th last move of it. The oldest kept when there is none."""
+        last, moves = self._samples[-1], 0
+        for i in range(len(self._samples) - 2, -1, -1):
+            poll, later = self._samples[i], self._samples[i + 1]
+            if moves_of is not None and getattr(poll, moves_of) < getattr(later, moves_of):
+                moves += 1
+                if moves == SLOW_RATE_MOVES and last.at - later.at >= self._seconds:
+                    return later
+            if last.at - poll.at >= self._seconds and (
+                moves_of is None or moves >= SLOW_RATE_MOVES
+            ):
+                return poll
+        return self._samples[0]
 
     @property
     def seconds(self) -> float:
         """The time between the window's first and last poll (0 with fewer than two)."""
-        return self._samples[-1].at - self._samples[0].at if len(self._samples) > 1 else 0.0
+        return self._samples[-1].at - self._start().at if len(self._samples) > 1 else 0.0
 
     def rates(self) -> dict[str, float]:
         """Env steps, learner samples and replay counters per second over the window."""
         seconds = self.seconds
         if seconds <= 0:
             return {}
-        first, last = self._samples[0], self._samples[-1]
+        first, last = self._start(), self._samples[-1]
+        learner = self._start("learner_samples")
         out = {
             tags.ENV_STEPS_PER_S: (last.env_steps - first.env_steps) / seconds,
-            tags.LEARNER_SAMPLES_PER_S: (last.learner_samples - first.learner_samples) / seconds,
+            tags.LEARNER_SAMPLES_PER_S: (last.learner_samples - learner.learner_samples)
+            / (last.at - learner.at),
         }
         for key, tag in REPLAY_RATES.items():
             # A restarted replay service restores older counters: no rate across it.
@@ -139,7 +167,7 @@ class Window:
         seconds = self.seconds
         if seconds <= 0:
             return {}, {}
-        return actor_breakdown(self._samples[0].actors, self._samples[-1].actors, seconds)
+        return actor_breakdown(self._start().actors, self._samples[-1].actors, seconds)
 
 
 #: Per-fragment times of the actors: `ActorCounters` field -> tag.

@@ -62,6 +62,26 @@ def test_the_window_keeps_about_its_length_of_polls():
     assert window.rates()[tags.ENV_STEPS_PER_S] == pytest.approx(1000.0)
 
 
+def test_a_learner_stepping_every_few_seconds_gets_its_rate_not_zero_and_spikes():
+    """A learner taking a 512-sample step every 3 s, polled every 0.5 s: once it has stepped
+    three times, every rate is over whole steps, between 2/3 of 512 / 3 per second and that
+    (a 1 s window read 0 in four polls of six and 3x the rate in the other two). A learner that
+    stops reads 0 once its last steps are `slowest` seconds old."""
+    window = Window(seconds=1.0, slowest=30.0)
+    true_rate, seen = 512 / 3.0, []
+    for i in range(1, 61):  # 30 s
+        at = i * 0.5
+        window.add(sample(at, i * 100, {}, samples=512 * int(at // 3.0)))
+        rates = window.rates()
+        seen.append(rates.get(tags.LEARNER_SAMPLES_PER_S, 0.0))
+        assert i == 1 or rates[tags.ENV_STEPS_PER_S] == pytest.approx(200.0)  # still over 1 s
+    steady = seen[18:]  # from the third step on (9 s)
+    assert min(steady) >= 0.66 * true_rate and max(steady) <= true_rate * 1.0001
+    for i in range(61, 140):  # it stops stepping
+        window.add(sample(i * 0.5, i * 100, {}, samples=512 * 10))
+    assert window.rates()[tags.LEARNER_SAMPLES_PER_S] == 0.0
+
+
 def test_points_are_due_by_env_steps_or_by_wall_time_never_twice_at_one_step():
     clock = PointClock(max_env_steps=2_000_000, env_steps=0, now=0.0)
     assert clock.steps_per_point == 1000
