@@ -39,6 +39,10 @@ from replay.service import InsertResult
 ROOT = Path(__file__).resolve().parent.parent
 #: CartPole-v1's target return (the recipe's `run.target_return`).
 TARGET = 475.0
+#: Steps each env takes after the last fault before the episodes that finish are counted as
+#: begun after it: CartPole-v1's 500-step limit, and 200 more because the actor counters the
+#: driver saw at the fault are up to a poll old (a second at most: well under 200 steps per env).
+CLEAN_STEPS = 700
 
 
 # -- writes are atomic ---------------------------------------------------------------------------
@@ -179,7 +183,7 @@ class Chaos:
         self.rejected_before: dict[str, int] = {}
         self.rejected_after: dict[str, int] = {}
         self.version_before_learner_kill = -1
-        self.env_steps_at_last_fault = 0
+        self.actor_steps_at_last_fault: dict[int, int] = {}
         self.synced_versions: dict[int, int] = {}
 
     def __call__(self, job: Job) -> bool:
@@ -223,12 +227,12 @@ class Chaos:
     def _solved_after_faults(self, job: Job) -> bool:
         """Stop the run once a full window of episodes that all began after the last fault
         averages the target. Every env has moved past the episode it was in at the last fault
-        once each env has taken 1,000 more steps (episodes last at most 500), so episodes
-        finished from then on began after it."""
+        once each actor's envs have taken `CLEAN_STEPS` more steps each (an actor's envs step
+        together; episodes last at most 500), so episodes finished from then on began after
+        it."""
         episodes = job.fleet.episodes
-        envs = job.config.run.num_actors * job.config.actors.num_envs
         if self.episodes_clean_from is None:
-            if job.env_steps >= self.env_steps_at_last_fault + envs * 1000:
+            if self._every_env_moved_on(job):
                 self.episodes_clean_from = episodes.count
             return False
         if episodes.count - self.episodes_clean_from < RETURN_WINDOW:
@@ -238,10 +242,22 @@ class Chaos:
         self.solved_after_faults = episodes.mean_return
         return True
 
+    def _every_env_moved_on(self, job: Job) -> bool:
+        """Whether every live actor has taken `CLEAN_STEPS` steps per env since the last fault
+        (an actor restarted since then counts from its start, which came after it)."""
+        per_actor = CLEAN_STEPS * job.config.actors.num_envs
+        for actor_id, state in job.fleet.state.items():
+            now, then = state.counters.env_steps, self.actor_steps_at_last_fault.get(actor_id, 0)
+            if (now - then if now >= then else now) < per_actor:
+                return False
+        return True
+
     def _next(self, what: str, job: Job) -> None:
         self.done.append(what)
         self.phase += 1
-        self.env_steps_at_last_fault = job.env_steps
+        self.actor_steps_at_last_fault = {
+            actor_id: state.counters.env_steps for actor_id, state in job.fleet.state.items()
+        }
 
 
 @pytest.mark.slow

@@ -1,33 +1,40 @@
-"""16 real rollout actors on the embedded Ray, feeding two replay shards whose rate limiter
+"""Eight real rollout actors on the embedded Ray, feeding two replay shards whose rate limiter
 holds them back: the learner keeps stepping and every fragment is accounted for.
 
-Worth its 16 Ray worker processes (the most expensive test setup in the suite; each imports
-torch, and starting them is nearly all of the test's time): with `run.actor_max_inflight` 5
-each actor has up to 6 inserts in flight, 48 per shard (8 actors each), three times the 16
-threads of a shard's insert pool. Before issue 11 the replay actor had one pool for every call,
-and this many held-back inserts left the learner's sample and the driver's stats no thread: the
-60 s call timeouts failed the run. What is tested is the number of inserts held back at once per
-shard, not the number of processes sending them: 32 actors with 3 in flight each put the same
-48 on a shard and took twice as long to start. Nothing smaller reproduces that path: the
+Worth its 8 rollout processes (each imports torch; starting them is nearly all of the test's
+time): with `run.actor_max_inflight` 11 each actor has up to 12 inserts in flight, 48 per shard
+(4 actors each), three times the 16 threads of a shard's insert pool. Before issue 11 the replay
+actor had one pool for every call, and this many held-back inserts left the learner's sample
+and the driver's stats no thread: the 60 s call timeouts failed the run. What matters is how
+many inserts a shard holds back at once, not how many processes send them (32 actors with 3 in
+flight each put the same 48 on a shard, and took four times as long to start). The driver asks
+`ASKS` actors per poll instead of `deploy.job.ASKS_PER_POLL` (16), so its polls take turns
+over the actors as they do in a fleet larger than 16. Nothing smaller reproduces that path: the
 backpressure test (tests/test_backpressure.py) does it for one replay actor, this one for the
 whole job (sinks resending held-back inserts, the learner sampling two shards, the driver's
-one-wait polls and the all-at-once stop that flushes every actor).
+one-wait polls that ask a few actors each, and the all-at-once stop that flushes every actor).
 """
 
 from __future__ import annotations
 
+from deploy import job as job_module
 from deploy.config import load_config
 from deploy.job import Job, train
 
-ACTORS = 16
-#: Inserts in flight per actor beyond the one it waits on: (5 + 1) x 8 actors = 48 per shard.
-MAX_INFLIGHT = 5
+ACTORS = 8
+#: Inserts in flight per actor beyond the one it waits on: (11 + 1) x 4 actors = 48 per shard.
+MAX_INFLIGHT = 11
+#: Actors the driver asks for stats per poll: fewer than ACTORS, so the asks take turns.
+ASKS = 3
 #: Learner steps the run goes to (each samples 4 fragments; at 8 samples per insert the
 #: learner can take about as many steps as the actors insert fragments times 2).
 LEARNER_STEPS = 60
 
 
-def test_16_actors_two_shards_rate_limited_nothing_stalls_nothing_lost(local_ray, tmp_path):
+def test_8_actors_two_shards_rate_limited_nothing_stalls_nothing_lost(
+    local_ray, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(job_module, "ASKS_PER_POLL", ASKS)
     config = load_config(
         None,  # the CartPole recipe: 8 samples per insert, tolerance 64, 32 fragments held
         [
