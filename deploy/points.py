@@ -11,11 +11,13 @@ not the latency of the calls): a large fleet is polled less often.
 Rates and per-fragment times are taken over a sliding window of the polls of the last
 `RATE_WINDOW_S` seconds (`Window`), divided by the time that actually elapsed between the
 window's first and last poll: a poll every 20 ms sees an actor finish zero or one fragment, and
-a rate over one such poll says more about the poll than about the actor. The learner's samples
-per second is taken over a window that also spans its last `SLOW_RATE_MOVES` steps (up to
-`SLOW_RATE_MAX_S`): a learner that steps every few seconds (an Atari CNN on a CPU) would
-otherwise show 0 in most points and a multiple of its rate in the others; a steady one now reads
-between 2/3 of its rate and its rate, and one that stops falls to 0 within `SLOW_RATE_MAX_S`.
+a rate over one such poll says more about the poll than about the actor. The env steps and the
+learner's samples per second are taken over a window that also spans the last
+`SLOW_RATE_MOVES` moves of their counter (up to `SLOW_RATE_MAX_S`; `SLOW_RATES`): a learner
+that steps every few seconds (an Atari CNN on a CPU), or actors whose fragments take a second or
+more, would otherwise show 0 in most points and a multiple of the rate in the others; a steady
+one now reads between 2/3 of its rate and its rate, and one that stops falls to 0 within
+`SLOW_RATE_MAX_S`.
 """
 
 from __future__ import annotations
@@ -43,8 +45,12 @@ MIN_TICK_S, MAX_TICK_S = 0.05, POINT_MAX_S
 POLL_COST_RATIO = 10.0
 #: Seconds of polls rates and per-fragment times are averaged over.
 RATE_WINDOW_S = 1.0
-#: The learner's rate spans at least this many moves of its counter (from the poll that saw the
-#: first of them), over at most `SLOW_RATE_MAX_S` seconds of polls.
+#: Rates that span at least `SLOW_RATE_MOVES` moves of their counter (from the poll that saw
+#: the first of them), over at most `SLOW_RATE_MAX_S` seconds of polls: `Sample` field -> tag.
+SLOW_RATES = {
+    "env_steps": tags.ENV_STEPS_PER_S,
+    "learner_samples": tags.LEARNER_SAMPLES_PER_S,
+}
 SLOW_RATE_MOVES = 3
 SLOW_RATE_MAX_S = 30.0
 #: Cumulative replay counters written as rates too: `stats()` key -> tag.
@@ -149,12 +155,10 @@ class Window:
         if seconds <= 0:
             return {}
         first, last = self._start(), self._samples[-1]
-        learner = self._start("learner_samples")
-        out = {
-            tags.ENV_STEPS_PER_S: (last.env_steps - first.env_steps) / seconds,
-            tags.LEARNER_SAMPLES_PER_S: (last.learner_samples - learner.learner_samples)
-            / (last.at - learner.at),
-        }
+        out = {}
+        for field, tag in SLOW_RATES.items():
+            start = self._start(field)
+            out[tag] = (getattr(last, field) - getattr(start, field)) / (last.at - start.at)
         for key, tag in REPLAY_RATES.items():
             # A restarted replay service restores older counters: no rate across it.
             if last.replay[key] >= first.replay[key]:

@@ -62,24 +62,36 @@ def test_the_window_keeps_about_its_length_of_polls():
     assert window.rates()[tags.ENV_STEPS_PER_S] == pytest.approx(1000.0)
 
 
-def test_a_learner_stepping_every_few_seconds_gets_its_rate_not_zero_and_spikes():
-    """A learner taking a 512-sample step every 3 s, polled every 0.5 s: once it has stepped
-    three times, every rate is over whole steps, between 2/3 of 512 / 3 per second and that
-    (a 1 s window read 0 in four polls of six and 3x the rate in the other two). A learner that
-    stops reads 0 once its last steps are `slowest` seconds old."""
+@pytest.mark.parametrize("slow", ["learner", "actors"])
+def test_a_counter_moving_every_few_seconds_gets_its_rate_not_zero_and_spikes(slow):
+    """A learner taking a 512-sample step every 3 s (or actors whose 512 env steps come every
+    3 s), polled every 0.5 s: once it has moved three times, every rate is over whole moves,
+    between 2/3 of 512 / 3 per second and that (a 1 s window read 0 in four polls of six and
+    3x the rate in the other two), while the other counter, moving every poll, keeps its 1 s
+    window. A counter that stops reads 0 once its last moves are `slowest` seconds old."""
+    tag, fast_tag = tags.LEARNER_SAMPLES_PER_S, tags.ENV_STEPS_PER_S
+    if slow == "actors":
+        tag, fast_tag = fast_tag, tag
+
+    def poll(at, slow_count):
+        fast_count = int(at * 200)
+        if slow == "learner":
+            return sample(at, fast_count, {}, samples=slow_count)
+        return sample(at, slow_count, {}, samples=fast_count)
+
     window = Window(seconds=1.0, slowest=30.0)
     true_rate, seen = 512 / 3.0, []
     for i in range(1, 61):  # 30 s
         at = i * 0.5
-        window.add(sample(at, i * 100, {}, samples=512 * int(at // 3.0)))
+        window.add(poll(at, 512 * int(at // 3.0)))
         rates = window.rates()
-        seen.append(rates.get(tags.LEARNER_SAMPLES_PER_S, 0.0))
-        assert i == 1 or rates[tags.ENV_STEPS_PER_S] == pytest.approx(200.0)  # still over 1 s
-    steady = seen[18:]  # from the third step on (9 s)
+        seen.append(rates.get(tag, 0.0))
+        assert i == 1 or rates[fast_tag] == pytest.approx(200.0)
+    steady = seen[18:]  # from the third move on (9 s)
     assert min(steady) >= 0.66 * true_rate and max(steady) <= true_rate * 1.0001
-    for i in range(61, 140):  # it stops stepping
-        window.add(sample(i * 0.5, i * 100, {}, samples=512 * 10))
-    assert window.rates()[tags.LEARNER_SAMPLES_PER_S] == 0.0
+    for i in range(61, 140):  # it stops
+        window.add(poll(i * 0.5, 512 * 10))
+    assert window.rates()[tag] == 0.0
 
 
 def test_points_are_due_by_env_steps_or_by_wall_time_never_twice_at_one_step():
