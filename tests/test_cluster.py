@@ -136,10 +136,10 @@ class LoopbackCluster:
 
     def _start(self, nodes: list[tuple[list[str], str, float]], priority: int = 0) -> list:
         """Start nodes (`ray start` arguments, name, CPUs) together, each in its own session at
-        scheduler priority `priority` (`JOINING_PRIORITY`), and wait
-        until the cluster has all their CPUs. Ray gives a raylet 30 s (fixed) to register, and
-        ~15 s to its dashboard agent; on a loaded 2-core machine that can run out, so a node
-        whose start failed is cleaned up and tried again, `ATTEMPTS` times in all."""
+        scheduler priority `priority` (`JOINING_PRIORITY`), and wait until the cluster has all
+        their CPUs. Ray gives a raylet 30 s (fixed) to register, and ~15 s to its dashboard
+        agent; on a loaded 2-core machine that can run out, so a node whose start failed is
+        cleaned up and tried again, `ATTEMPTS` times in all."""
         cpus = self.total_cpus() + sum(c for _, _, c in nodes)
         procs = [self._popen(args, name, 0, priority) for args, name, _ in nodes]
         tries = [1] * len(nodes)
