@@ -268,7 +268,7 @@ def test_running_job_survives_faults_and_still_solves(local_ray, tmp_path):
             f"env.id={FAULTY_ID}",
             "run.num_actors=2",
             "actors.num_envs=32",
-            "run.log_every=1.0",
+            "run.log_every=0.25",  # how often Chaos looks: each phase waits for the last
             "run.max_env_steps=3000000",
             # The target is checked by Chaos, on episodes begun after the last fault: the
             # recipe can solve before the faults (each waits for the previous recovery and for

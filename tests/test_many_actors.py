@@ -41,7 +41,7 @@ def test_8_actors_two_shards_rate_limited_nothing_stalls_nothing_lost(
             f"run.num_actors={ACTORS}",
             "run.actor_cpus=0.05",
             f"run.actor_max_inflight={MAX_INFLIGHT}",
-            "run.log_every=1.0",
+            "run.log_every=0.25",  # how often until_steps looks
             "run.target_return=none",
             "run.max_env_steps=100000000",  # not the stop rule: the learner's steps are
             "actors.num_envs=2",
