@@ -134,32 +134,26 @@ class LoopbackCluster:
         prioritise(proc, priority)
         return proc
 
-    def _start(self, nodes: list[tuple[list[str], str, float]], priority: int = 0) -> list:
-        """Start nodes (`ray start` arguments, name, CPUs) together, each in its own session at
-        scheduler priority `priority` (`JOINING_PRIORITY`), and wait until the cluster has all
-        their CPUs. Ray gives a raylet 30 s (fixed) to register, and ~15 s to its dashboard
-        agent; on a loaded 2-core machine that can run out, so a node whose start failed is
-        cleaned up and tried again, `ATTEMPTS` times in all."""
-        cpus = self.total_cpus() + sum(c for _, _, c in nodes)
-        procs = [self._popen(args, name, 0, priority) for args, name, _ in nodes]
-        tries = [1] * len(nodes)
-        while not self.wait_cpus(cpus, procs):
-            for i, proc in enumerate(procs):
-                if proc.poll() is None:
-                    continue
-                self.end_group(proc)
-                self.nodes.remove(proc)
-                args, name, _ = nodes[i]
-                if tries[i] == ATTEMPTS:
-                    raise AssertionError(
-                        f"Ray node {name} did not start; see {self.temp_dir}/{name}-*.log"
-                    )
-                procs[i] = self._popen(args, name, tries[i], priority)
-                tries[i] += 1
-        return procs
+    def _start(
+        self, args: list[str], name: str, cpus: float, priority: int = 0
+    ) -> subprocess.Popen:
+        """Start a node (`ray start` arguments, name, CPUs) in its own session at scheduler
+        priority `priority` (`JOINING_PRIORITY`), and wait until the cluster has its CPUs. Ray
+        gives a raylet 30 s (fixed) to register, and ~15 s to its dashboard agent; on a loaded
+        2-core machine that can run out, so a node whose start failed is cleaned up and tried
+        again, `ATTEMPTS` times in all. (One node at a time: `ray start` names its sockets
+        after the ones it finds, so two starting at once can pick the same name.)"""
+        cpus += self.total_cpus()
+        for attempt in range(ATTEMPTS):
+            proc = self._popen(args, name, attempt, priority)
+            if self.wait_cpus(cpus, proc):
+                return proc
+            self.end_group(proc)
+            self.nodes.remove(proc)
+        raise AssertionError(f"Ray node {name} did not start; see {self.temp_dir}/{name}-*.log")
 
-    def _head_args(self) -> tuple[list[str], str, float]:
-        return (
+    def start_head(self) -> None:
+        self._start(
             [
                 "--head",
                 f"--port={self.gcs_port}",
@@ -176,27 +170,16 @@ class LoopbackCluster:
             1,
         )
 
-    def start_head(self) -> None:
-        self._start([self._head_args()])
-
-    def add_workers(self, cpus: list[int], priority: int = 0) -> list[subprocess.Popen]:
-        """Start a node with `cpus[i]` CPUs for each i, together, and wait until all have
-        joined."""
-        first = len(self.nodes)
+    def add_worker(self, cpus: int, priority: int = 0) -> subprocess.Popen:
         return self._start(
             [
-                (
-                    [
-                        f"--address={self.gcs}",
-                        f"--num-cpus={n}",
-                        "--object-store-memory=150000000",
-                        "--disable-usage-stats",
-                    ],
-                    f"worker{first + i}",
-                    n,
-                )
-                for i, n in enumerate(cpus)
+                f"--address={self.gcs}",
+                f"--num-cpus={cpus}",
+                "--object-store-memory=150000000",
+                "--disable-usage-stats",
             ],
+            f"worker{len(self.nodes)}",
+            cpus,
             priority,
         )
 
@@ -218,11 +201,11 @@ class LoopbackCluster:
             if n["raylet"].get("state") == "ALIVE"
         )
 
-    def wait_cpus(self, cpus: float, procs: list, timeout: float = 120.0) -> bool:
-        """Wait for the cluster to have `cpus` CPUs; False when one of `procs` (nodes) exited."""
+    def wait_cpus(self, cpus: float, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
+        """Wait for the cluster to have `cpus` CPUs; False when `proc` (the node) exited."""
         deadline = time.monotonic() + timeout
         while self.total_cpus() < cpus:
-            if any(proc.poll() is not None for proc in procs):
+            if proc.poll() is not None:
                 return False
             assert time.monotonic() < deadline, f"the cluster never reached {cpus} CPUs"
             time.sleep(0.5)
@@ -348,7 +331,8 @@ def cluster() -> Iterator[LoopbackCluster]:
     rc = LoopbackCluster()
     try:
         rc.start_head()
-        rc.add_workers([2, 2])
+        rc.add_worker(2)
+        rc.add_worker(2)
         yield rc
     finally:
         rc.stop()
@@ -475,7 +459,7 @@ def test_launch_scale_2_4_1_beyond_the_cluster_lose_a_node_and_stop(cluster, tmp
         still = rc.status(run)
         assert still["actors"]["pending"] == 1 and still["actors"]["restarted"] == 0
         assert still["env_steps"] > waiting["env_steps"]
-        (extra,) = rc.add_workers([2], priority=JOINING_PRIORITY)
+        extra = rc.add_worker(2, priority=JOINING_PRIORITY)
         joined = wait_for(rc, run, "5 actors running after the node joined", running(5))
         assert joined["actors"]["restarted"] == 0
 
