@@ -2,7 +2,7 @@
 
     python benchmarks/fleet.py [--quick] [--actors 16,64,256] [--shards 1,2] [--obs atari]
                                [--seconds S] [--big-seconds S] [--poll-every S]
-                               [--set section.key=value ...] [--name NAME]
+                               [--driver-priority N] [--set section.key=value ...] [--name NAME]
 
 Starts a multi-node Ray cluster on this machine (`benchmarks/loopback.py`: a head holding the
 learner, the replay service and the weight store, and `--nodes` worker nodes with a fake
@@ -31,7 +31,9 @@ counted (sent by an actor, neither in the replay's `inserted` nor counted as ref
 actor). Under the table, issue 11's targets, each met or MISSED with its figure. It writes
 `results/fleet.md`, `fleet.json` and `fleet.png` (`fleet_quick.*` with
 `--quick`: 64 actors for 60 s); the last line printed is `FLEET {json}` for the largest point.
-Every process the cluster started is ended on the way out, also on Ctrl-C.
+Every process the cluster started is ended on the way out, also on Ctrl-C. `--driver-priority`
+puts the driver's session ahead of the nodes' (`loopback.session_priority`), as a driver with a
+core of its own would be.
 """
 
 from __future__ import annotations
@@ -241,6 +243,15 @@ def pct(values: list[float], q: float, scale: float = 1e3) -> float | None:
     return float(np.percentile(values, q) * scale) if values else None
 
 
+def rate(points: list[tuple[float, int | None]]) -> float:
+    """Per second between the first and the last point with a value (a poll that took no answer
+    from the learner has none)."""
+    known = [(t, v) for t, v in points if v is not None]
+    if len(known) < 2 or known[-1][0] <= known[0][0]:
+        return 0.0
+    return (known[-1][1] - known[0][1]) / (known[-1][0] - known[0][0])
+
+
 def summarise(run: dict, probes: dict, final: dict, accounts: dict, warmup: float) -> dict:
     samples: list[Sample] = run["samples"]
     window = [s for s in samples if s.t >= warmup and s.inserted is not None]
@@ -259,11 +270,7 @@ def summarise(run: dict, probes: dict, final: dict, accounts: dict, warmup: floa
         "mb_per_s": inserts_per_s * (nbytes / calls if calls else 0.0) / 1e6,
         "fragment_bytes": nbytes / calls if calls else 0.0,
         "samples_per_s": (last.sampled - first.sampled) / span if span else 0.0,
-        "learner_steps_per_s": (
-            (last.version - first.version) / span
-            if span and last.version is not None and first.version is not None
-            else 0.0
-        ),
+        "learner_steps_per_s": rate([(s.t, s.version) for s in samples if s.t >= warmup]),
         "env_steps_per_s": (last.env_steps - first.env_steps) / span if span else 0.0,
         "insert_ms_p50": pct(lat, 50),
         "insert_ms_p99": pct(lat, 99),
