@@ -7,9 +7,9 @@ time): with `run.actor_max_inflight` 11 each actor has up to 12 inserts in fligh
 actor had one pool for every call, and this many held-back inserts left the learner's sample
 and the driver's stats no thread: the 60 s call timeouts failed the run. What matters is how
 many inserts a shard holds back at once, not how many processes send them (32 actors with 3 in
-flight each would put the same 48 on a shard). The driver asks
-`ASKS` actors per poll instead of `deploy.job.ASKS_PER_POLL` (16), so its polls take turns
-over the actors as they do in a fleet larger than 16. Nothing smaller reproduces that path: the
+flight each would put the same 48 on a shard). The driver asks `ASKS` actors per poll instead
+of `deploy.job.ASKS_PER_POLL` (16), so its polls take turns over the actors as they do in a
+fleet larger than 16. Nothing smaller reproduces that path: the
 backpressure test (tests/test_backpressure.py) does it for one replay actor, this one for the
 whole job (sinks resending held-back inserts, the learner sampling two shards, the driver's
 one-wait polls that ask a few actors each, and the all-at-once stop that flushes every actor).
