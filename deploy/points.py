@@ -151,10 +151,12 @@ class Window:
 
     def rates(self) -> dict[str, float]:
         """Env steps, learner samples and replay counters per second over the window."""
-        seconds = self.seconds
-        if seconds <= 0:
+        if len(self._samples) < 2:
             return {}
         first, last = self._start(), self._samples[-1]
+        seconds = last.at - first.at
+        if seconds <= 0:
+            return {}
         out = {}
         for field, tag in SLOW_RATES.items():
             start = self._start(field)
@@ -168,10 +170,11 @@ class Window:
     def actors(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Per-actor throughput and per-fragment times over the window: the mean over actors
         (scalars; throughput also min and max) and the per-actor values (histograms)."""
-        seconds = self.seconds
-        if seconds <= 0:
+        if len(self._samples) < 2:
             return {}, {}
-        return actor_breakdown(self._start().actors, self._samples[-1].actors, seconds)
+        first, last = self._start(), self._samples[-1]
+        seconds = last.at - first.at
+        return actor_breakdown(first.actors, last.actors, seconds) if seconds > 0 else ({}, {})
 
 
 #: Per-fragment times of the actors: `ActorCounters` field -> tag.

@@ -131,7 +131,8 @@ class LoopbackCluster:
         )
         log.close()
         self.nodes.append(proc)
-        prioritise(proc, priority)
+        if priority:  # `ray start` has not started its raylet yet; they would share it anyway
+            session_priority(priority, proc.pid)
         return proc
 
     def _start(
@@ -222,7 +223,7 @@ class LoopbackCluster:
             text=True,
             start_new_session=True,
         ) as proc:
-            prioritise(proc, CLIENT_PRIORITY)
+            session_priority(CLIENT_PRIORITY, proc.pid)
             try:
                 stdout, stderr = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -246,7 +247,7 @@ class LoopbackCluster:
                 text=True,
                 start_new_session=True,
             )
-            prioritise(self._client, CLIENT_PRIORITY)
+            session_priority(CLIENT_PRIORITY, self._client.pid)
         self._client.stdin.write(run + "\n")
         self._client.stdin.flush()
         while (line := self._client.stdout.readline()) and not line.startswith("STATUS "):
@@ -310,14 +311,6 @@ class LoopbackCluster:
         )
 
 
-def prioritise(proc: subprocess.Popen, priority: int) -> None:
-    """Give the session that `proc` leads (started with `start_new_session`) the scheduler
-    priority `priority` (`benchmarks.loopback.session_priority`), before it has started others
-    (`ray start` its raylet) that would share it."""
-    if priority:
-        session_priority(priority, proc.pid)
-
-
 def _pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
@@ -363,7 +356,8 @@ def launch(rc: LoopbackCluster, run: str, tmp: Path, *sets: str) -> str:
 
 def wait_for(rc: LoopbackCluster, run: str, what: str, ok, timeout: float = START_S) -> dict:
     """Poll `offpg status --json` until `ok(status)`; returns that status."""
-    deadline = time.monotonic() + timeout
+    began = time.monotonic()
+    deadline = began + timeout
     last: dict = {}
     while time.monotonic() < deadline:
         try:
@@ -372,7 +366,7 @@ def wait_for(rc: LoopbackCluster, run: str, what: str, ok, timeout: float = STAR
             time.sleep(1.0)
             continue
         if ok(last):
-            print(f"{run}: {what} after {time.monotonic() - deadline + timeout:.1f} s")
+            print(f"{run}: {what} after {time.monotonic() - began:.1f} s")
             return last
         time.sleep(1.0)
     raise AssertionError(f"{run}: never {what}; last status {json.dumps(last)[:2000]}")
